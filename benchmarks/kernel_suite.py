@@ -1,0 +1,160 @@
+"""Kernel suite: the fused PoseScore divergence against the PyTorch reference, eager and compiled.
+
+For every shape and dtype it times forward, backward (gradient of the logits for a random upstream
+gradient, graph kept) and full (forward + backward), and reports the median time, the achieved GB/s
+over the op's byte floor (forward reads the logits once; backward reads them and writes their
+gradient), that figure as a share of the device's measured copy bandwidth, and the peak extra memory.
+The fused op is timed without its value checks (``validate=False``); the "fused+checks" provider adds
+them (one host sync) so their cost is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import drpose_kernels as dk
+from drpose_kernels import pose_score_op, reference
+
+from common import Row, copy_bandwidth_gbps, fmt, markdown_table, peak_memory, time_fn
+
+SHAPES = [(24, 23, 96, 96), (48, 55, 96, 96), (24, 127, 192, 192)]
+QUICK_SHAPES = [(6, 23, 32, 32)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("forward", "backward", "full")
+SIGMA = 2.0
+CPU_FUSED_NOTE = (
+    "fused-kernel figures need a GPU: on CPU the Triton kernels only run in Triton's interpreter, "
+    "which checks correctness and says nothing about performance"
+)
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    shapes: list
+    dtypes: list[str]
+    compile: bool
+    warmup: int
+    repeats: int
+
+
+def make_inputs(shape, dtype: torch.dtype, device: torch.device):
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(shape, generator=gen) * 3 - 4).to(dtype).to(device)
+    segments = torch.rand(n, c, 2, 2, generator=gen) * torch.tensor([w - 1.0, h - 1.0])
+    segments[:, : c // 2, 1] = segments[:, : c // 2, 0]  # half joints, half bones
+    upstream = torch.randn(n, c, generator=gen).to(device)
+    return logits, segments.to(device), upstream
+
+
+def providers(settings: Settings, segments: torch.Tensor) -> dict:
+    """Name -> f(logits) -> (N, C) divergences, or a reason it is not measured here."""
+    found = {}
+    if settings.device.type == "cuda" and dk.HAS_TRITON:
+        found["fused"] = lambda x: dk.heatmap_divergence(x, segments, SIGMA, backend="triton", validate=False)
+        found["fused+checks"] = lambda x: dk.heatmap_divergence(x, segments, SIGMA, backend="triton")
+    else:
+        found["fused"] = CPU_FUSED_NOTE
+    found["reference"] = lambda x: reference.divergence_from_checked(x, segments, SIGMA)
+    if settings.compile:
+        compiled = torch.compile(reference.divergence_from_checked, dynamic=False)
+        found["reference_compiled"] = lambda x: compiled(x, segments, SIGMA)
+    return found
+
+
+def mode_call(mode: str, divergence, logits: torch.Tensor, upstream: torch.Tensor):
+    if mode == "forward":
+        def call():
+            with torch.no_grad():
+                return divergence(logits)
+        return call
+    x = logits.detach().clone().requires_grad_(True)
+    if mode == "backward":
+        out = divergence(x)
+        return lambda: torch.autograd.grad(out, x, upstream, retain_graph=True)
+    return lambda: torch.autograd.grad(divergence(x), x, upstream)
+
+
+def byte_floor(mode: str, logits: torch.Tensor) -> int:
+    per_pass = logits.numel() * logits.element_size()
+    return {"forward": 1, "backward": 2, "full": 3}[mode] * per_pass
+
+
+def run(settings: Settings, progress) -> tuple[list[Row], dict]:
+    device = settings.device
+    copy_gbps = copy_bandwidth_gbps(device, 1024 if device.type == "cuda" else 256, repeats=10)
+    rows: list[Row] = []
+    for shape in settings.shapes:
+        for dtype_name in settings.dtypes:
+            logits, segments, upstream = make_inputs(shape, DTYPES[dtype_name], device)
+            params = dict(zip("NCHW", shape))
+            for provider, divergence in providers(settings, segments).items():
+                for mode in MODES:
+                    progress(f"{shape} {dtype_name} {provider} {mode}")
+                    row = Row(suite="kernel", name=f"N{shape[0]}_C{shape[1]}_{shape[2]}x{shape[3]}", provider=provider,
+                              mode=mode, dtype=dtype_name, params=params, bytes=byte_floor(mode, logits))
+                    if isinstance(divergence, str):
+                        row.error = divergence
+                        rows.append(row)
+                        continue
+                    try:
+                        call = mode_call(mode, divergence, logits, upstream)
+                        timing = time_fn(call, device, warmup=settings.warmup, repeats=settings.repeats)
+                        row.peak_memory_bytes, row.peak_memory_kind = peak_memory(call, device)
+                    except torch.OutOfMemoryError as error:
+                        row.error = f"out of memory: {error}".splitlines()[0]
+                        rows.append(row)
+                        continue
+                    row.median_ms, row.p20_ms, row.p80_ms, row.repeats = (
+                        timing.median_ms, timing.p20_ms, timing.p80_ms, timing.repeats)
+                    row.gbps = row.bytes / (timing.median_ms * 1e-3) / 1e9
+                    row.pct_of_copy_bandwidth = 100 * row.gbps / copy_gbps
+                    rows.append(row)
+                    del call
+            del logits, segments, upstream
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    add_speedups(rows)
+    meta = {"copy_bandwidth_gbps": copy_gbps, "sigma": SIGMA,
+            "compiled_kernels": dict(pose_score_op.COMPILED_KERNEL_STATS)}
+    if device.type != "cuda":
+        meta["note"] = CPU_FUSED_NOTE
+    return rows, meta
+
+
+def add_speedups(rows: list[Row]) -> None:
+    """Each row's speed-up over the eager and the compiled reference at the same shape, dtype and mode."""
+    index = {(r.name, r.dtype, r.mode, r.provider): r for r in rows if r.median_ms}
+    for row in rows:
+        if not row.median_ms:
+            continue
+        for baseline in ("reference", "reference_compiled"):
+            other = index.get((row.name, row.dtype, row.mode, baseline))
+            if other is not None and other is not row:
+                row.extra[f"speedup_vs_{baseline}"] = other.median_ms / row.median_ms
+
+
+def markdown(rows: list[Row], meta: dict) -> str:
+    headers = ["shape (N, C, H, W)", "dtype", "mode", "provider", "median ms", "GB/s", "% copy BW",
+               "peak extra MB", "x vs eager ref", "x vs compiled ref"]
+    body = []
+    for r in rows:
+        shape = "({N}, {C}, {H}, {W})".format(**r.params)
+        if r.error:
+            body.append([shape, r.dtype, r.mode, r.provider, "n/a", "", "", "", "", r.error[:60] + "..."])
+            continue
+        body.append([
+            shape, r.dtype, r.mode, r.provider, fmt(r.median_ms, ".4g"), fmt(r.gbps, ".1f"),
+            fmt(r.pct_of_copy_bandwidth, ".1f"), fmt(r.peak_memory_bytes / 2**20 if r.peak_memory_bytes is not None else None, ".1f"),
+            fmt(r.extra.get("speedup_vs_reference"), ".2f"), fmt(r.extra.get("speedup_vs_reference_compiled"), ".2f"),
+        ])
+    text = markdown_table(headers, body)
+    stats = meta.get("compiled_kernels") or {}
+    if stats:
+        text += "\nCompiled kernels (registers per thread, spills):\n\n"
+        text += markdown_table(["kernel", "registers", "spills"],
+                               [[k, str(v["n_regs"]), str(v["n_spills"])] for k, v in sorted(stats.items())])
+    return text

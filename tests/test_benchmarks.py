@@ -1,0 +1,49 @@
+"""The benchmark entry point runs and writes results in its schema (so the suite cannot rot)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_kernel_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "kernel", "--quick", "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return out, result.stdout
+
+
+def test_quick_kernel_benchmark_writes_json_and_markdown(quick_kernel_run):
+    out, stdout = quick_kernel_run
+    payload = json.loads((out / "kernel_cpu_quick.json").read_text())
+    meta, rows = payload["meta"], payload["rows"]
+    assert meta["device"]["gpu"] == "no GPU"
+    assert meta["copy_bandwidth_gbps"] > 0
+    assert {"torch", "triton"} <= set(meta["versions"])
+    measured = [r for r in rows if r["provider"] == "reference"]
+    assert {r["mode"] for r in measured} == {"forward", "backward", "full"}
+    for row in measured:
+        assert row["median_ms"] > 0 and row["gbps"] > 0 and row["repeats"] >= 3
+        n, c, h, w = (row["params"][k] for k in "NCHW")
+        assert row["bytes"] == {"forward": 1, "backward": 2, "full": 3}[row["mode"]] * n * c * h * w * 4
+    assert row["peak_memory_kind"] in ("cpu_peak_rss", "unavailable")
+
+
+def test_cpu_run_says_fused_figures_need_a_gpu(quick_kernel_run):
+    out, stdout = quick_kernel_run
+    rows = json.loads((out / "kernel_cpu_quick.json").read_text())["rows"]
+    fused = [r for r in rows if r["provider"] == "fused"]
+    assert fused and all(r["median_ms"] is None and "need a GPU" in r["error"] for r in fused)
+    markdown = (out / "kernel_cpu_quick.md").read_text()
+    assert "fused-kernel figures need a GPU" in markdown
+    assert "| (6, 23, 32, 32) | fp32 | full | reference |" in markdown
