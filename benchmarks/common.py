@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from drpose.memory import peak_memory  # noqa: F401  (re-exported for the suites)
+
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 
@@ -99,42 +101,6 @@ def copy_bandwidth_gbps(device: torch.device, megabytes: int, repeats: int) -> f
     dst = torch.empty_like(src)
     timing = time_fn(lambda: dst.copy_(src), device, warmup=3, repeats=repeats)
     return 2 * src.numel() * 4 / (timing.median_ms * 1e-3) / 1e9
-
-
-# --------------------------------------------------------------------------------------------------
-# Peak memory
-
-
-def _read_status_kb(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not found in /proc/self/status")
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, str]:
-    """Extra peak memory of one call of ``fn`` beyond what was held before it, and how it was measured.
-
-    GPU: the torch caching allocator's peak. CPU: the process's peak resident set (VmHWM, reset
-    through /proc/self/clear_refs), which also counts allocator caching and is therefore an upper
-    bound of what the call itself needs.
-    """
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, "cuda_allocator_peak"
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        base = _read_status_kb("VmRSS")
-        fn()
-        return max(0, _read_status_kb("VmHWM") - base) * 1024, "cpu_peak_rss"
-    except OSError:
-        return None, "unavailable"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""DDIM sampling of the multi-view model with gradient policies (DESIGN.md section 5).
+
+A policy decides which denoising steps carry gradients to the model's weights and how:
+
+* ``drtune`` (the paper's default): the denoiser's input is detached at every step (stop-gradient), so
+  gradients flow from the reward back through the DDIM updates' linear terms to the K training steps'
+  predictions, never through the UNet's Jacobian with respect to its input; sampling stops early at a
+  random number of skipped final steps <= m, and the reward reads that step's x0 prediction;
+* ``draft`` (DRaFT-K): full backpropagation through the last K steps;
+* ``alignprop``: a random truncation point k ~ U{1..K}; full backpropagation through the last k steps;
+* ``none``: no gradients (evaluation).
+
+Every gradient-carrying model call is activation-checkpointed (non-reentrant, so it also works when no
+input requires grad, as under DRTune), optionally with its saved tensors offloaded to CPU memory. The
+reward input is always the x0 prediction of the last executed step (with ``set_alpha_to_one`` this is
+the final sample when no step is skipped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler
+from torch.utils.checkpoint import checkpoint
+
+from .diffusion import alphas_at, prediction_to_x0_eps
+
+POLICIES = ("drtune", "draft", "alignprop", "none")
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""model(noisy (B*I, c, h, w), timesteps (B*I,), cond_latents (B, c, h, w), cond_mask (B,) or None)."""
+
+
+@dataclass(frozen=True)
+class GradientPolicy:
+    name: str = "drtune"
+    num_grad_steps: int = 2  # K
+    early_stop_max: int = 8  # m (drtune)
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise ValueError(f"gradient policy must be one of {POLICIES}, got {self.name!r}")
+        if self.name != "none" and self.num_grad_steps < 1:
+            raise ValueError(f"num_grad_steps (K) must be >= 1 for policy {self.name!r}, got {self.num_grad_steps}")
+        if self.early_stop_max < 0:
+            raise ValueError(f"early_stop_max (m) must be >= 0, got {self.early_stop_max}")
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What one rollout does: how many steps run, which carry gradients, and whether inputs are detached."""
+
+    num_steps_run: int
+    grad_steps: tuple[int, ...]
+    detach_inputs: bool
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [low, high]."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator).item())
+
+
+def make_plan(policy: GradientPolicy, num_steps: int, generator: torch.Generator | None = None) -> SamplingPlan:
+    if policy.name == "none":
+        return SamplingPlan(num_steps, (), False)
+    if policy.name == "drtune":
+        skipped = _randint(0, min(policy.early_stop_max, num_steps - 1), generator)
+        run = num_steps - skipped
+        k = min(policy.num_grad_steps, run)
+        interval = run // k
+        offset = _randint(0, interval - 1, generator)
+        return SamplingPlan(run, tuple(offset + j * interval for j in range(k)), True)
+    k = min(policy.num_grad_steps, num_steps)
+    if policy.name == "alignprop":
+        k = _randint(1, k, generator)
+    return SamplingPlan(num_steps, tuple(range(num_steps - k, num_steps)), False)
+
+
+@dataclass
+class StepTrace:
+    index: int
+    timestep: int
+    carries_grad: bool
+    input_requires_grad: bool
+
+
+@dataclass
+class SampleResult:
+    x0: torch.Tensor  # (B*I, c, h, w) x0 prediction of the last executed step: the reward input
+    predictions: list[torch.Tensor] = field(default_factory=list)  # gradient-carrying predictions
+    frozen_predictions: list[torch.Tensor] = field(default_factory=list)  # same inputs, frozen model
+    plan: SamplingPlan | None = None
+    trace: list[StepTrace] = field(default_factory=list)
+
+    def kl(self) -> torch.Tensor:
+        """Mean squared distance between fine-tuned and frozen predictions at the training steps."""
+        if not self.frozen_predictions:
+            return self.x0.new_zeros(())
+        terms = [(p.float() - f.float()).pow(2).mean() for p, f in zip(self.predictions, self.frozen_predictions)]
+        return torch.stack(terms).mean()
+
+
+class DDIMSampler:
+    """Deterministic DDIM (eta = 0) over ``num_steps`` with classifier-free guidance."""
+
+    def __init__(self, scheduler: DDIMScheduler, num_steps: int, guidance_scale: float = 1.0,
+                 checkpointing: bool = True, offload_activations: bool = False):
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.scheduler = scheduler
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.checkpointing = checkpointing
+        self.offload_activations = offload_activations
+        scheduler.set_timesteps(num_steps)
+        self.timesteps = scheduler.timesteps.clone().long()
+
+    def _guided(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if self.guidance_scale == 1.0:
+            return model(x, t.expand(rows), cond, None)
+        samples = cond.shape[0]
+        mask = torch.cat([torch.zeros(samples, device=x.device), torch.ones(samples, device=x.device)])
+        both = model(torch.cat([x, x]), t.expand(2 * rows), torch.cat([cond, cond]), mask)
+        uncond, conditional = both.chunk(2)
+        return uncond + self.guidance_scale * (conditional - uncond)
+
+    def _grad_call(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda) if self.offload_activations else contextlib.nullcontext()
+        with offload:
+            if self.checkpointing:
+                return checkpoint(self._guided, model, x, t, cond, use_reentrant=False)
+            return self._guided(model, x, t, cond)
+
+    def sample(self, model: Denoiser, cond_latents: torch.Tensor, noise: torch.Tensor, plan: SamplingPlan,
+               frozen_model: Denoiser | None = None) -> SampleResult:
+        """Run ``plan`` from ``noise`` (B*I, c, h, w); gradients reach ``model``'s weights only at
+        ``plan.grad_steps``. ``frozen_model`` (e.g. the same UNet with adapters disabled) is evaluated
+        on the same inputs at those steps for the KL term."""
+        if plan.num_steps_run > self.num_steps:
+            raise ValueError(f"plan runs {plan.num_steps_run} steps but the sampler has {self.num_steps}")
+        result = SampleResult(x0=noise, plan=plan)
+        x = noise
+        grad_steps = set(plan.grad_steps)
+        for index in range(plan.num_steps_run):
+            t = self.timesteps[index].to(noise.device)
+            carries_grad = index in grad_steps and torch.is_grad_enabled()
+            model_input = x.detach() if plan.detach_inputs else x
+            if carries_grad:
+                prediction = self._grad_call(model, model_input, t, cond_latents)
+                result.predictions.append(prediction)
+                if frozen_model is not None:
+                    with torch.no_grad():
+                        result.frozen_predictions.append(self._guided(frozen_model, model_input.detach(), t, cond_latents))
+            else:
+                with torch.no_grad():
+                    prediction = self._guided(model, model_input, t, cond_latents)
+            result.trace.append(StepTrace(index, int(t), carries_grad, model_input.requires_grad))
+            alpha = alphas_at(self.scheduler, t.view(1), x)
+            x0, eps = prediction_to_x0_eps(self.scheduler, prediction.to(x.dtype), x, alpha)
+            result.x0 = x0
+            if index + 1 < self.num_steps:
+                alpha_prev = alphas_at(self.scheduler, self.timesteps[index + 1].view(1), x)
+            else:
+                alpha_prev = torch.full_like(alpha, float(self.scheduler.final_alpha_cumprod))
+            x = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+        return result

@@ -1,0 +1,199 @@
+"""DDIM sampling with gradient policies: where gradients flow, and what checkpointing costs."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from drpose.memory import exact_cpu_env
+from drpose.models.diffusion import make_scheduler
+from drpose.models.sampling import DDIMSampler, GradientPolicy, SamplingPlan, make_plan
+from test_multiview_unet import small_multiview
+
+
+class ScaledDenoiser(torch.nn.Module):
+    """eps = p * x: its Jacobian w.r.t. the input is p, so chaining through it is visible in gradients."""
+
+    def __init__(self, value: float = 0.3):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.tensor(value))
+        self.calls = []
+
+    def forward(self, x, t, cond, mask):
+        self.calls.append({"grad_enabled": torch.is_grad_enabled(), "input_requires_grad": x.requires_grad,
+                           "x": x.detach().clone()})
+        return self.p * x
+
+
+def rollout(policy_plan, model, steps=6, checkpointing=False, offload=False, seed=0, guidance=1.0):
+    sampler = DDIMSampler(make_scheduler(), steps, guidance_scale=guidance, checkpointing=checkpointing,
+                          offload_activations=offload)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(12, 4, 4, 4, generator=gen)
+    return sampler, sampler.sample(model, torch.zeros(1, 4, 4, 4), noise, policy_plan)
+
+
+# ------------------------------------------------------------------------------------------------ plans
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_drtune_plan_stops_early_and_spreads_k_steps(seed):
+    gen = torch.Generator().manual_seed(seed)
+    plan = make_plan(GradientPolicy("drtune", num_grad_steps=2, early_stop_max=8), 20, gen)
+    assert 12 <= plan.num_steps_run <= 20
+    assert len(plan.grad_steps) == 2 and plan.detach_inputs
+    assert all(0 <= s < plan.num_steps_run for s in plan.grad_steps)
+    assert plan.grad_steps[1] - plan.grad_steps[0] == plan.num_steps_run // 2
+
+
+def test_plans_are_reproducible_by_generator_seed_and_vary_across_seeds():
+    policy = GradientPolicy("drtune", 2, 8)
+    draw = lambda seed: [make_plan(policy, 20, torch.Generator().manual_seed(seed)) for _ in range(1)]
+    assert draw(3) == draw(3)
+    assert len({make_plan(policy, 20, torch.Generator().manual_seed(s)) for s in range(20)}) > 5
+
+
+def test_draft_and_alignprop_plans_take_the_last_steps():
+    assert make_plan(GradientPolicy("draft", 3), 10) == SamplingPlan(10, (7, 8, 9), False)
+    gen = torch.Generator().manual_seed(0)
+    lengths = {len(make_plan(GradientPolicy("alignprop", 4), 10, gen).grad_steps) for _ in range(60)}
+    assert lengths == {1, 2, 3, 4}
+    assert make_plan(GradientPolicy("none"), 10) == SamplingPlan(10, (), False)
+
+
+def test_bad_policies_are_rejected():
+    with pytest.raises(ValueError, match="gradient policy must be one of"):
+        GradientPolicy("reinforce")
+    with pytest.raises(ValueError, match="num_grad_steps"):
+        GradientPolicy("drtune", num_grad_steps=0)
+
+
+# ------------------------------------------------------------------------------------ gradient placement
+
+
+@pytest.mark.parametrize("policy, detached", [("drtune", True), ("draft", False)])
+def test_only_planned_steps_carry_gradients(policy, detached):
+    plan = SamplingPlan(5, (1, 3) if policy == "drtune" else (3, 4), detached)
+    model = ScaledDenoiser()
+    _, result = rollout(plan, model)
+    grad_calls = [i for i, call in enumerate(model.calls) if call["grad_enabled"]]
+    assert grad_calls == list(plan.grad_steps)
+    assert [s.carries_grad for s in result.trace] == [i in plan.grad_steps for i in range(5)]
+    if detached:
+        assert not any(call["input_requires_grad"] for call in model.calls)
+    else:  # DRaFT: the second gradient step's input depends on the first step's output
+        assert model.calls[4]["input_requires_grad"] and not model.calls[3]["input_requires_grad"]
+
+
+def linear_chain_gradient(sampler, plan, inputs) -> float:
+    """d sum(x0) / dp for eps = p * x when gradients flow only through the DDIM updates' linear terms:
+    x_{i+1} = A_i x_i + B_i eps_i, x0 = (x_S - sqrt(1 - a_S) eps_S) / sqrt(a_S), with d eps_j / dp = x_j."""
+    a = [float(sampler.scheduler.alphas_cumprod[t]) for t in sampler.timesteps]
+    last = plan.num_steps_run - 1
+    total = 0.0
+    for j in plan.grad_steps:
+        if j == last:
+            coef = -math.sqrt(1 - a[j]) / math.sqrt(a[j])
+        else:
+            coef = math.sqrt(1 - a[j + 1]) - math.sqrt(a[j + 1]) * math.sqrt(1 - a[j]) / math.sqrt(a[j])
+            for k in range(j + 1, last):
+                coef *= math.sqrt(a[k + 1]) / math.sqrt(a[k])
+            coef /= math.sqrt(a[last])
+        total += coef * inputs[j].sum().item()
+    return total
+
+
+def test_drtune_gradient_does_not_chain_through_unet_jacobians():
+    plan = SamplingPlan(5, (1, 3), True)
+    model = ScaledDenoiser()
+    sampler, result = rollout(plan, model)
+    (grad,) = torch.autograd.grad(result.x0.sum(), model.p)
+    expected = linear_chain_gradient(sampler, plan, [c["x"] for c in model.calls])
+    assert grad.item() == pytest.approx(expected, rel=1e-5)
+
+    chained = ScaledDenoiser()
+    _, result = rollout(SamplingPlan(5, (1, 3), False), chained)
+    (full,) = torch.autograd.grad(result.x0.sum(), chained.p)
+    assert abs(full.item() - expected) > 1e-2 * abs(expected), "full backprop differs: the stop-gradient matters"
+
+
+@pytest.mark.parametrize("plan", [SamplingPlan(4, (1, 3), True), SamplingPlan(4, (2, 3), False)], ids=["drtune", "draft"])
+def test_checkpointed_and_offloaded_sampling_give_identical_gradients(plan):
+    model = small_multiview()
+    grads = []
+    for checkpointing, offload in [(False, False), (True, False), (True, True)]:
+        model.zero_grad(set_to_none=True)
+        sampler = DDIMSampler(make_scheduler(), 4, checkpointing=checkpointing, offload_activations=offload)
+        gen = torch.Generator().manual_seed(0)
+        noise, cond = torch.randn(12, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+        result = sampler.sample(lambda x, t, c, m: model(x, t, c, m), cond, noise, plan)
+        result.x0.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+    assert torch.allclose(grads[0], grads[2], rtol=1e-5, atol=1e-8)
+
+
+def test_kl_term_is_zero_against_itself_and_positive_against_another_model():
+    plan = SamplingPlan(4, (1, 3), True)
+    model = ScaledDenoiser(0.3)
+    sampler = DDIMSampler(make_scheduler(), 4)
+    noise = torch.randn(12, 4, 4, 4)
+    same = sampler.sample(model, torch.zeros(1, 4, 4, 4), noise, plan, frozen_model=model)
+    assert len(same.frozen_predictions) == 2 and same.kl().item() == 0.0
+    other = sampler.sample(model, torch.zeros(1, 4, 4, 4), noise, plan, frozen_model=ScaledDenoiser(0.5))
+    kl = other.kl()
+    assert kl.item() > 0 and kl.requires_grad and not other.frozen_predictions[0].requires_grad
+
+
+def test_classifier_free_guidance_extrapolates_from_the_unconditional_prediction():
+    class MaskEcho(torch.nn.Module):
+        def forward(self, x, t, cond, mask):
+            m = torch.ones(cond.shape[0]) if mask is None else mask
+            return x * 0 + m.repeat_interleave(x.shape[0] // cond.shape[0]).view(-1, 1, 1, 1)
+
+    sampler = DDIMSampler(make_scheduler(), 2, guidance_scale=3.0)
+    guided = sampler._guided(MaskEcho(), torch.zeros(6, 1, 2, 2), torch.tensor(5), torch.zeros(1, 1, 2, 2))
+    assert torch.all(guided == 3.0)  # 0 + 3 * (1 - 0)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+MEMORY_SCRIPT = r"""
+import json, torch
+from drpose.memory import peak_memory
+from drpose.models.multiview_unet import MultiViewUNet, tiny_unet_config
+from drpose.models.diffusion import make_scheduler
+from drpose.models.sampling import DDIMSampler, SamplingPlan
+torch.manual_seed(0)
+unet = MultiViewUNet.from_config(tiny_unet_config())
+noise, cond = torch.randn(24, 4, 16, 16), torch.randn(2, 4, 16, 16)
+figures = {}
+for checkpointing in (True, False):
+    sampler = DDIMSampler(make_scheduler(), 5, checkpointing=checkpointing)
+    for k in (1, 2, 4):
+        plan = SamplingPlan(5, tuple(range(5 - k, 5)), False)
+        def step():
+            sampler.sample(lambda x, t, c, m: unet(x, t, c, m), cond, noise, plan).x0.square().mean().backward()
+            unet.zero_grad(set_to_none=True)
+        step()
+        figures[f"checkpointing={checkpointing} K={k}"] = peak_memory(step, "cpu")[0]
+print(json.dumps(figures))
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_training_backward_is_flat_in_k_with_checkpointing():
+    """Peak RSS of sample-with-gradients + backward (2 samples x 12 images, tiny UNet), K = 1, 2, 4."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True,
+                         env=exact_cpu_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    mib = {k: v / 2**20 for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    print("peak extra memory (MiB):", {k: round(v, 1) for k, v in mib.items()})
+    flat = [mib[f"checkpointing=True K={k}"] for k in (1, 2, 4)]
+    plain = [mib[f"checkpointing=False K={k}"] for k in (1, 2, 4)]
+    assert max(flat) <= 1.15 * flat[0], f"checkpointed peak grows with K: {flat}"
+    assert plain[2] >= 2.5 * plain[0], f"without checkpointing the peak should grow with K: {plain}"
