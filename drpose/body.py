@@ -65,6 +65,7 @@ class SMPLXParams:
         })
 
     def to(self, device=None, dtype=None) -> SMPLXParams:
+        """The same parameters on ``device`` and/or in ``dtype``."""
         return SMPLXParams(**{
             f.name: None if getattr(self, f.name) is None
             else getattr(self, f.name).to(device=device, dtype=dtype)

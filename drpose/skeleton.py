@@ -100,7 +100,8 @@ def joint_set(name: str) -> JointSet:
 
 def can_convert(source: str, target: str) -> bool:
     """Whether :func:`convert_joints` maps joint set ``source`` onto ``target``."""
-    joint_set(source), joint_set(target)
+    for name in (source, target):
+        joint_set(name)  # unknown names raise
     return source == target or (source, target) in _CONVERSIONS
 
 

@@ -206,7 +206,7 @@ def test_missing_model_file_names_the_paths(tmp_path):
     (lambda a: a.update(J_regressor=np.zeros((24, 9930), np.float32)),
      r"key 'J_regressor' has shape \(24, 9930\), expected \(55, V\)"),
     (lambda a: a.update(shapedirs=np.zeros((9930, 3, 10), np.float32)), r"key 'shapedirs'.*K >= 20"),
-])
+], ids=["missing keys", "SMPL joint regressor", "too few shape components"])
 def test_malformed_model_file_says_what_is_missing(tmp_path, change, message):
     arrays = model_arrays()
     change(arrays)
