@@ -1,5 +1,7 @@
 # DrPose: one-command set-up, tests, demo and benchmarks.
 #
+#   make demo    create/refresh .venv if needed, fine-tune the tiny world with DrPose through the
+#                deepspeed launcher, evaluate base vs fine-tuned, write runs/demo/report.{json,md} + figures
 #   make test    create/refresh .venv if needed, then run the test suite (what CI runs)
 #   make venv    only create/refresh the environment
 #   make bench   kernel benchmark (python benchmarks/run.py kernel)
@@ -13,6 +15,8 @@ TORCH_VERSION ?= 2.13.0
 # Extra pip arguments for torch alone, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS   ?=
+DEMO_DIR      ?= runs/demo
+DEMO_ARGS     ?=
 
 VPY   := $(VENV)/bin/python
 STAMP := $(VENV)/.drpose-installed
@@ -20,7 +24,7 @@ PIP   := $(VPY) -m pip --disable-pip-version-check
 # JIT-compiled DeepSpeed ops are cached inside the checkout so they are built once.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv test bench clean-venv
+.PHONY: venv demo test bench clean-venv
 
 venv: $(STAMP)
 
@@ -33,6 +37,12 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PIP) install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	@touch $@
+
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/deepspeed --num_gpus 1 drpose/train.py --config configs/tiny.yaml run.output_dir=$(DEMO_DIR) $(DEMO_ARGS)
+	$(VPY) -m drpose.report --run $(DEMO_DIR)
+	@echo "[demo] report: $(DEMO_DIR)/report.md (figures and report.json next to it)"
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)

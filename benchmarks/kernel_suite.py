@@ -21,6 +21,7 @@ from common import Row, copy_bandwidth_gbps, fmt, markdown_table, peak_memory, t
 
 SHAPES = [(24, 23, 96, 96), (48, 55, 96, 96), (24, 127, 192, 192)]
 QUICK_SHAPES = [(6, 23, 32, 32)]
+SIZE_SWEEP = [24, 48, 96, 192]  # heatmap sides for the growth sweep at N=24, C=23 (fp32, full)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("forward", "backward", "full")
 SIGMA = 2.0
@@ -38,6 +39,7 @@ class Settings:
     compile: bool
     warmup: int
     repeats: int
+    size_sweep: list[int]
 
 
 def make_inputs(shape, dtype: torch.dtype, device: torch.device):
@@ -50,7 +52,7 @@ def make_inputs(shape, dtype: torch.dtype, device: torch.device):
     return logits, segments.to(device), upstream
 
 
-def providers(settings: Settings, segments: torch.Tensor) -> dict:
+def providers(settings: Settings, segments: torch.Tensor, with_compile: bool = True) -> dict:
     """Name -> f(logits) -> (N, C) divergences, or a reason it is not measured here."""
     found = {}
     if settings.device.type == "cuda" and dk.HAS_TRITON:
@@ -59,7 +61,7 @@ def providers(settings: Settings, segments: torch.Tensor) -> dict:
     else:
         found["fused"] = CPU_FUSED_NOTE
     found["reference"] = lambda x: reference.divergence_from_checked(x, segments, SIGMA)
-    if settings.compile:
+    if settings.compile and with_compile:
         compiled = torch.compile(reference.divergence_from_checked, dynamic=False)
         found["reference_compiled"] = lambda x: compiled(x, segments, SIGMA)
     return found
@@ -83,40 +85,48 @@ def byte_floor(mode: str, logits: torch.Tensor) -> int:
     return {"forward": 1, "backward": 2, "full": 3}[mode] * per_pass
 
 
+def measure_case(settings: Settings, shape, dtype_name: str, modes, with_compile: bool, copy_gbps: float,
+                 progress) -> list[Row]:
+    """Every provider and mode at one shape and dtype."""
+    device = settings.device
+    logits, segments, upstream = make_inputs(shape, DTYPES[dtype_name], device)
+    params = dict(zip("NCHW", shape), sweep=not with_compile)
+    name = f"N{shape[0]}_C{shape[1]}_{shape[2]}x{shape[3]}" + ("" if with_compile else "_sweep")
+    rows = []
+    for provider, divergence in providers(settings, segments, with_compile).items():
+        for mode in modes:
+            progress(f"{shape} {dtype_name} {provider} {mode}")
+            row = Row(suite="kernel", name=name, provider=provider, mode=mode, dtype=dtype_name, params=params,
+                      bytes=byte_floor(mode, logits))
+            rows.append(row)
+            if isinstance(divergence, str):
+                row.error = divergence
+                continue
+            try:
+                call = mode_call(mode, divergence, logits, upstream)
+                timing = time_fn(call, device, warmup=settings.warmup, repeats=settings.repeats)
+                row.peak_memory_bytes, row.peak_memory_kind = peak_memory(call, device)
+            except torch.OutOfMemoryError as error:
+                row.error = f"out of memory: {error}".splitlines()[0]
+                continue
+            row.median_ms, row.p20_ms, row.p80_ms, row.repeats = (
+                timing.median_ms, timing.p20_ms, timing.p80_ms, timing.repeats)
+            row.gbps = row.bytes / (timing.median_ms * 1e-3) / 1e9
+            row.pct_of_copy_bandwidth = 100 * row.gbps / copy_gbps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run(settings: Settings, progress) -> tuple[list[Row], dict]:
     device = settings.device
     copy_gbps = copy_bandwidth_gbps(device, 1024 if device.type == "cuda" else 256, repeats=10)
     rows: list[Row] = []
     for shape in settings.shapes:
         for dtype_name in settings.dtypes:
-            logits, segments, upstream = make_inputs(shape, DTYPES[dtype_name], device)
-            params = dict(zip("NCHW", shape))
-            for provider, divergence in providers(settings, segments).items():
-                for mode in MODES:
-                    progress(f"{shape} {dtype_name} {provider} {mode}")
-                    row = Row(suite="kernel", name=f"N{shape[0]}_C{shape[1]}_{shape[2]}x{shape[3]}", provider=provider,
-                              mode=mode, dtype=dtype_name, params=params, bytes=byte_floor(mode, logits))
-                    if isinstance(divergence, str):
-                        row.error = divergence
-                        rows.append(row)
-                        continue
-                    try:
-                        call = mode_call(mode, divergence, logits, upstream)
-                        timing = time_fn(call, device, warmup=settings.warmup, repeats=settings.repeats)
-                        row.peak_memory_bytes, row.peak_memory_kind = peak_memory(call, device)
-                    except torch.OutOfMemoryError as error:
-                        row.error = f"out of memory: {error}".splitlines()[0]
-                        rows.append(row)
-                        continue
-                    row.median_ms, row.p20_ms, row.p80_ms, row.repeats = (
-                        timing.median_ms, timing.p20_ms, timing.p80_ms, timing.repeats)
-                    row.gbps = row.bytes / (timing.median_ms * 1e-3) / 1e9
-                    row.pct_of_copy_bandwidth = 100 * row.gbps / copy_gbps
-                    rows.append(row)
-                    del call
-            del logits, segments, upstream
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            rows += measure_case(settings, shape, dtype_name, MODES, True, copy_gbps, progress)
+    for side in settings.size_sweep:
+        rows += measure_case(settings, (24, 23, side, side), "fp32", ("full",), False, copy_gbps, progress)
     add_speedups(rows)
     meta = {"copy_bandwidth_gbps": copy_gbps, "sigma": SIGMA,
             "compiled_kernels": dict(pose_score_op.COMPILED_KERNEL_STATS)}
@@ -158,3 +168,25 @@ def markdown(rows: list[Row], meta: dict) -> str:
         text += markdown_table(["kernel", "registers", "spills"],
                                [[k, str(v["n_regs"]), str(v["n_spills"])] for k, v in sorted(stats.items())])
     return text
+
+
+def plot_sizes(rows: list[Row], path) -> object:
+    """Full (forward + backward) time against heatmap side for every provider of the size sweep."""
+    sweep = [r for r in rows if r.params.get("sweep") and r.median_ms]
+    if not sweep:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.4))
+    for provider in sorted({r.provider for r in sweep}):
+        series = sorted((r for r in sweep if r.provider == provider), key=lambda r: r.params["H"])
+        axis.loglog([r.params["H"] for r in series], [r.median_ms for r in series], "-o", label=provider)
+    axis.set(xlabel="heatmap side (N=24, C=23, fp32)", ylabel="forward + backward (ms)", title="growth with heatmap size")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,14 +1,22 @@
 """Benchmark entry point.
 
-    python benchmarks/run.py kernel [--device cuda|cpu] [--out DIR] [--quick]
+    python benchmarks/run.py {kernel,trainer,all} [--device cuda|cpu] [--out DIR] [--quick]
 
-Writes ``<suite>_<device>.json`` (rows + device facts + versions) and ``<suite>_<device>.md`` under
-``--out`` (default ``benchmarks/results``). Figures are only meaningful for the device named in them.
+kernel: the fused PoseScore op vs the eager and compiled PyTorch reference (forward, backward, full),
+plus a sweep over heatmap sizes. trainer: one full DrPose training step under DeepSpeed at K = 1, 2, 4, 8
+gradient-carrying steps with activation checkpointing off / on / on + offload, ZeRO-2 and ZeRO-3, a
+sweep over views, and on GPU the real-size PSHuman UNet. Each suite writes ``<suite>_<device>.json``
+(rows in one schema + device facts + versions), ``<suite>_<device>.md`` and PNG plots under ``--out``
+(default ``benchmarks/results``). ``--quick`` runs a small CPU subset in about a minute.
+
+On CPU the process re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` set, so that peak-RSS figures
+track live tensors (see ``drpose.memory``); CPU timings then include the cost of fresh mappings.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -19,19 +27,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kernel_suite  # noqa: E402
+import trainer_suite  # noqa: E402
 from common import device_facts, timestamp, versions, write_results  # noqa: E402
+from drpose.memory import cpu_peak_is_exact, exact_cpu_env  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["kernel"], help="which suite to run")
+    parser.add_argument("suite", choices=["kernel", "trainer", "all"], help="which suite to run")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and Markdown results")
-    parser.add_argument("--quick", action="store_true", help="a small subset (one small shape, fp32, no compile)")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON, Markdown and PNG results")
+    parser.add_argument("--quick", action="store_true", help="a small CPU subset (about a minute)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="kernel suite: comma-separated subset of fp32,bf16")
+    parser.add_argument("--no-compile", action="store_true", help="kernel suite: skip the torch.compile reference")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     return parser.parse_args(argv)
 
@@ -50,46 +60,95 @@ def device_slug(facts: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", facts["name"].lower()).strip("-")
 
 
+def ensure_process_group() -> None:
+    """DeepSpeed engines need a process group; make a one-process one for the trainer suite."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+def header(title: str, facts: dict, device: torch.device, meta: dict) -> str:
+    lines = [f"# {title}: {facts['name']}", "", f"- device: {facts['name']} ({device}); {timestamp()}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if v)]
+    for key in ("copy_bandwidth_gbps",):
+        if key in meta:
+            lines.append(f"- measured copy bandwidth: {meta[key]:.1f} GB/s")
+    if device.type == "cpu":
+        lines.append("- peak memory: process peak RSS (exact: allocations unmapped on free)" if cpu_peak_is_exact()
+                     else "- peak memory: process peak RSS (approximate)")
+    if "note" in meta:
+        lines.append(f"- note: {meta['note']}")
+    return "\n".join(lines) + "\n\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    unknown = [d for d in dtypes if d not in kernel_suite.DTYPES]
-    if unknown:
-        raise SystemExit(f"--dtypes: unknown {unknown}; choose from {sorted(kernel_suite.DTYPES)}")
-    on_gpu = device.type == "cuda"
-    settings = kernel_suite.Settings(
-        device=device,
-        shapes=kernel_suite.QUICK_SHAPES if args.quick else kernel_suite.SHAPES,
-        dtypes=["fp32"] if args.quick else dtypes,
-        compile=not (args.quick or args.no_compile),
-        warmup=3 if on_gpu else 1,
-        repeats=args.repeats or (50 if on_gpu else (3 if args.quick else 5)),
-    )
+    if device.type == "cpu" and not cpu_peak_is_exact():
+        os.execve(sys.executable, [sys.executable, *sys.argv], exact_cpu_env())
     facts = device_facts(device)
-    print(f"[bench] kernel suite on {facts['name']} ({device}); {len(settings.shapes)} shapes x {settings.dtypes}")
     started = time.perf_counter()
+    slug = device_slug(facts) + ("_quick" if args.quick else "")
 
     def progress(message: str) -> None:
         print(f"[bench] {time.perf_counter() - started:7.1f}s  {message}", flush=True)
 
-    rows, suite_meta = kernel_suite.run(settings, progress)
-    for row in rows:
-        row.extra["device"] = facts["name"]
-    meta = {"suite": "kernel", "timestamp": timestamp(), "device": facts, "versions": versions(),
-            "quick": args.quick, "wall_s": time.perf_counter() - started, **suite_meta}
-    header = (f"# Kernel benchmark: {facts['name']}\n\n"
-              f"- device: {facts['name']} ({device}); {timestamp()}\n"
-              f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + "\n"
-              f"- measured copy bandwidth: {suite_meta['copy_bandwidth_gbps']:.1f} GB/s\n")
-    if "note" in suite_meta:
-        header += f"- note: {suite_meta['note']}\n"
-    markdown = header + "\n" + kernel_suite.markdown(rows, suite_meta)
-    stem = f"kernel_{device_slug(facts)}" + ("_quick" if args.quick else "")
-    json_path, md_path = write_results(args.out, stem, rows, meta, markdown)
-    print(markdown)
-    print(f"[bench] wrote {json_path} and {md_path} in {meta['wall_s']:.0f}s")
+    written = []
+    if args.suite in ("kernel", "all"):
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        unknown = [d for d in dtypes if d not in kernel_suite.DTYPES]
+        if unknown:
+            raise SystemExit(f"--dtypes: unknown {unknown}; choose from {sorted(kernel_suite.DTYPES)}")
+        on_gpu = device.type == "cuda"
+        settings = kernel_suite.Settings(
+            device=device,
+            shapes=kernel_suite.QUICK_SHAPES if args.quick else kernel_suite.SHAPES,
+            dtypes=["fp32"] if args.quick else dtypes,
+            compile=not (args.quick or args.no_compile),
+            warmup=3 if on_gpu else 1,
+            repeats=args.repeats or (50 if on_gpu else 3),
+            size_sweep=[] if args.quick else kernel_suite.SIZE_SWEEP,
+        )
+        rows, meta = kernel_suite.run(settings, progress)
+        markdown = header("Kernel benchmark", facts, device, meta) + kernel_suite.markdown(rows, meta)
+        written += write_results(args.out, f"kernel_{slug}", rows, suite_meta("kernel", facts, args, started, meta), markdown)
+        plot = kernel_suite.plot_sizes(rows, args.out / f"kernel_{slug}_sizes.png")
+        written += [plot] if plot else []
+    if args.suite in ("trainer", "all"):
+        ensure_process_group()
+        on_gpu = device.type == "cuda"
+        settings = trainer_suite.TrainerSettings(
+            device=device,
+            ks=[1, 2] if args.quick else [1, 2, 4, 8],
+            modes=["off", "on"] if args.quick else ["off", "on", "on+offload"],
+            zero_configs=["ds_zero2.json"] if args.quick else
+            (["ds_zero2.json", "ds_zero3.json", "ds_zero3_offload.json"] if on_gpu else ["ds_zero2.json", "ds_zero3.json"]),
+            num_steps=4 if args.quick else 10,
+            batch_size=1 if args.quick else 2,
+            warmup=1,
+            repeats=args.repeats or (2 if args.quick else 3),
+            view_counts=[] if args.quick else [2, 4, 6],
+            real_size=on_gpu and not args.quick,
+        )
+        rows, meta = trainer_suite.run(settings, progress)
+        markdown = header("Trainer benchmark", facts, device, meta) + trainer_suite.markdown(rows)
+        written += write_results(args.out, f"trainer_{slug}", rows, suite_meta("trainer", facts, args, started, meta), markdown)
+        plot = trainer_suite.plot_growth(rows, args.out / f"trainer_{slug}_growth.png")
+        written += [plot] if plot else []
+    print(f"[bench] wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.0f}s")
     return 0
+
+
+def suite_meta(suite: str, facts: dict, args, started: float, meta: dict) -> dict:
+    return {"suite": suite, "timestamp": timestamp(), "device": facts, "versions": versions(), "quick": args.quick,
+            "wall_s": time.perf_counter() - started, "cpu_peak_exact": cpu_peak_is_exact(), **meta}
 
 
 if __name__ == "__main__":

@@ -37,22 +37,34 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device | str) -> tuple[int | None, str]:
-    """Run ``fn`` once; return (extra peak bytes, how it was measured)."""
+def reset_peak(device: torch.device | str) -> int:
+    """Start a peak measurement; returns the baseline (allocated bytes on GPU, resident bytes on CPU)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def read_peak(device: torch.device | str, baseline: int) -> tuple[int, str]:
+    """Extra peak bytes since ``reset_peak`` returned ``baseline``, and how it was measured."""
+    device = torch.device(device)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, "cuda_allocator_peak"
+        return torch.cuda.max_memory_allocated(device) - baseline, "cuda_allocator_peak"
+    kind = "cpu_peak_rss" if cpu_peak_is_exact() else "cpu_peak_rss_approx"
+    return max(0, _status_kb("VmHWM") * 1024 - baseline), kind
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> tuple[int | None, str]:
+    """Run ``fn`` once; return (extra peak bytes, how it was measured)."""
     try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        base = _status_kb("VmRSS")
-        fn()
-        kind = "cpu_peak_rss" if cpu_peak_is_exact() else "cpu_peak_rss_approx"
-        return max(0, _status_kb("VmHWM") - base) * 1024, kind
+        baseline = reset_peak(device)
     except OSError:
+        fn()
         return None, "unavailable"
+    fn()
+    return read_peak(device, baseline)

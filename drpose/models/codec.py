@@ -16,16 +16,16 @@ from diffusers import AutoencoderKL
 
 
 def tiny_codec_config(latent_channels: int = 4, image_size: int = 64) -> dict:
-    """Three levels (32/64/64 channels): 4x downsampling, so 64x64 images become 16x16 latents."""
+    """Three levels (16/32/64 channels): 4x downsampling, so 64x64 images become 16x16 latents."""
     return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=image_size,
         scaling_factor=1.0,
     )

@@ -168,3 +168,15 @@ class DDIMSampler:
                 alpha_prev = torch.full_like(alpha, float(self.scheduler.final_alpha_cumprod))
             x = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
         return result
+
+
+@torch.no_grad()
+def generate(model: Denoiser, sampler: DDIMSampler, cond_latents: torch.Tensor, images_per_sample: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample all images of each sample without gradients: (B * images_per_sample, c, h, w) latents.
+
+    Noise is drawn on the CPU from ``generator`` so results do not depend on the device."""
+    b, c, h, w = cond_latents.shape
+    noise = torch.randn((b * images_per_sample, c, h, w), generator=generator).to(cond_latents)
+    plan = SamplingPlan(sampler.num_steps, (), False)
+    return sampler.sample(model, cond_latents, noise, plan).x0

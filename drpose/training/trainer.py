@@ -1,0 +1,270 @@
+"""The DrPose training loop on DeepSpeed.
+
+One optimizer step: for each micro-batch of (front image, pose) -> condition latent -> sample the
+multi-view latents with the configured gradient policy -> g_skel -> PoseScore (fused op on GPU,
+reference on CPU) -> loss = -PoseScore + w_KL * KL -> DeepSpeed backward; then DeepSpeed's optimizer
+step, logging and checkpointing. Only LoRA adapters train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from drpose.data.dataset import DrPoseDataset
+from drpose.data.synthesize import synthesize
+from drpose.memory import read_peak, reset_peak
+from drpose.models.g_skel import GSkel
+from drpose.models.codec import LatentCodec
+from drpose.models.multiview_unet import MultiViewUNet, pshuman_unet_config
+from drpose.models.sampling import DDIMSampler, GradientPolicy, make_plan
+from drpose.reward import PoseReward
+from drpose.world.assets import World, load_world
+
+from . import checkpoints
+from .config import ConfigError, TrainConfig, resolved_yaml
+from .data import BatchLayout, SampleStream, collate, sample_noise, seeded_generator
+from .lora import add_lora, adapters_disabled, export_lora
+from .metrics_log import MetricsLog
+
+PLAN_STREAM = 1_000_003  # separates the plan generators' seeds from the noise generators'
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. a non-finite loss); the message says why and what to do."""
+
+
+@dataclass
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized() and self.world_size > 1:
+            dist.barrier()
+
+    def mean(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor.tolist()
+
+    def any(self, flag: bool) -> bool:
+        tensor = torch.tensor([1.0 if flag else 0.0])
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def setup_distributed() -> DistributedContext:
+    """Join the process group the ``deepspeed`` launcher describes, or make a one-process group."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    use_cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def run_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    precision = config.run.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def load_models(config: TrainConfig) -> tuple[World, MultiViewUNet]:
+    """The world (codec, g_skel, schedule, rig, settings) and the multi-view UNet to fine-tune."""
+    world = load_world(config.model.world)
+    unet = world.unet
+    if config.model.unet:
+        unet = MultiViewUNet.from_pretrained(config.model.unet, torch_dtype=torch.float32)
+    elif config.model.unet_config == "pshuman":
+        unet = MultiViewUNet.from_config(pshuman_unet_config())
+    elif config.model.unet_config is not None:
+        raise ConfigError(f"model.unet_config: unknown {config.model.unet_config!r} (known: pshuman)")
+    if config.model.codec:
+        world.codec = LatentCodec.from_pretrained(config.model.codec, torch_dtype=torch.float32)
+    if config.model.g_skel:
+        world.g_skel = GSkel.from_pretrained(config.model.g_skel)
+    return world, unet
+
+
+def deepspeed_config(config: TrainConfig, world_size: int) -> dict:
+    path = Path(config.run.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"run.deepspeed_config: {path} does not exist (see configs/ds_*.json)")
+    ds = json.loads(path.read_text())
+    for key in ("fp16", "bf16"):
+        if ds.get(key, {}).get("enabled"):
+            raise ConfigError(f"{path}: '{key}' is enabled; precision is set by run.precision (frozen weights in "
+                              f"the run dtype, LoRA weights in fp32, autocast), so leave it out of the DeepSpeed JSON")
+    ds.update(
+        train_micro_batch_size_per_gpu=config.data.batch_size,
+        gradient_accumulation_steps=config.data.grad_accum,
+        train_batch_size=config.data.batch_size * config.data.grad_accum * world_size,
+        gradient_clipping=config.optim.max_grad_norm,
+    )
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def prepare_data(config: TrainConfig, ctx: DistributedContext) -> DrPoseDataset:
+    path = Path(config.data.path)
+    if not (path / "manifest.jsonl").exists():
+        if config.data.synthesize_distribution is None:
+            raise ConfigError(f"data.path: no dataset at {path}; create one with `python -m drpose.data.synthesize "
+                              f"--out {path} --num 256 --distribution broad --seed 300`, or set "
+                              f"data.synthesize_distribution to have the trainer create it")
+        if ctx.is_main:
+            print(f"[drpose] synthesizing {config.data.synthesize_num} {config.data.synthesize_distribution} poses "
+                  f"into {path}", flush=True)
+            synthesize(path, config.data.synthesize_num, config.data.synthesize_distribution,
+                       config.data.synthesize_seed, progress=True)
+        ctx.barrier()
+    return DrPoseDataset(path)
+
+
+def _lr_lambda(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def train(config: TrainConfig, resume: str | None = None) -> dict:
+    import deepspeed
+
+    ctx = setup_distributed()
+    torch.manual_seed(config.run.seed)
+    dtype = run_dtype(config, ctx.device)
+    world, unet = load_models(config)
+    settings = world.settings
+    rig = world.rig
+    codec = world.codec.to(ctx.device, dtype).eval().requires_grad_(False)
+    reward_fn = PoseReward(world.g_skel.to(ctx.device, dtype), rig, unet.config.num_domains,
+                           config.reward.sigma if config.reward.sigma is not None else settings.sigma,
+                           config.reward.backend, config.reward.include_bones)
+    unet.to(ctx.device, dtype)
+    lora_params = add_lora(unet, config.lora)
+    dataset = prepare_data(config, ctx)
+
+    optimizer = torch.optim.AdamW(lora_params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.optim.warmup_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=unet, model_parameters=lora_params, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(config, ctx.world_size), dist_init_required=False,
+    )
+
+    start_step, last_checkpoint = 0, None
+    if resume:
+        root, tag = checkpoints.resolve_resume(config, resume)
+        checkpoints.check_compatible(config, root / tag)
+        _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+        if client_state is None:
+            raise ConfigError(f"could not load {root / tag}; it may be incomplete: resume from an earlier checkpoint")
+        start_step, last_checkpoint = int(client_state["step"]), root / tag
+        if ctx.is_main:
+            print(f"[drpose] resumed from {last_checkpoint} at step {start_step}", flush=True)
+
+    output_dir = Path(config.run.output_dir)
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(resolved_yaml(config))
+    log = MetricsLog(output_dir, ctx.is_main, start_step)
+    layout = BatchLayout(config.data.batch_size, config.data.grad_accum, ctx.world_size)
+    stream = SampleStream(len(dataset), config.run.seed)
+    sampler = DDIMSampler(world.scheduler, config.sampling.num_steps, config.sampling.guidance_scale,
+                          config.sampling.checkpointing, config.sampling.offload_activations)
+    policy = GradientPolicy(config.sampling.policy, config.sampling.num_grad_steps, config.sampling.early_stop_max)
+    per_sample_shape = (unet.config.images_per_sample, unet.latent_channels, settings.latent_size, settings.latent_size)
+    autocast = (torch.autocast(ctx.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext)
+
+    def frozen_model(x, t, cond, mask):
+        with adapters_disabled(unet):
+            return engine(x, t, cond, mask)
+
+    started = time.perf_counter()
+    bar = tqdm(range(start_step, config.run.max_steps), initial=start_step, total=config.run.max_steps,
+               desc="DrPose", disable=not ctx.is_main, mininterval=1)
+    for step in bar:
+        step_started = time.perf_counter()
+        baseline = reset_peak(ctx.device)
+        totals = [0.0, 0.0, 0.0]
+        for micro_step in range(config.data.grad_accum):
+            positions = layout.positions(step, micro_step, ctx.rank)
+            batch = collate(dataset, [stream.index(p) for p in positions])
+            images = batch["images"].to(ctx.device, dtype)
+            joints = batch["joints"].to(ctx.device)
+            framing = rig.frame(joints)
+            noise = sample_noise(per_sample_shape, config.run.seed, step, positions).to(ctx.device)
+            plan = make_plan(policy, config.sampling.num_steps, seeded_generator(config.run.seed, step, PLAN_STREAM + micro_step))
+            with autocast():
+                with torch.no_grad():
+                    cond = codec.encode(images)
+                result = sampler.sample(engine, cond, noise, plan, frozen_model=frozen_model)
+                reward = reward_fn(result.x0, joints, framing)
+                kl = result.kl()
+                loss = -reward.mean() + config.reward.kl_weight * kl
+            if ctx.any(not torch.isfinite(loss).item()):
+                where = last_checkpoint or "none (no checkpoint was written yet)"
+                raise TrainingStopped(
+                    f"non-finite loss at step {step} (reward {reward.detach().mean().item()}, kl {kl.item()}); "
+                    f"stopped without updating the weights. Last good checkpoint: {where}. Fix the cause (data, "
+                    f"learning rate, precision) and continue with --resume latest")
+            engine.backward(loss)
+            engine.step()
+            totals = [a + b for a, b in zip(totals, (reward.detach().mean().item(), kl.item(), loss.item()))]
+        step_time = time.perf_counter() - step_started
+        peak, _ = read_peak(ctx.device, baseline)
+        reward_mean, kl_mean, loss_mean = ctx.mean([t / config.data.grad_accum for t in totals])
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {
+            "reward": reward_mean, "kl": kl_mean, "loss": loss_mean,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": scheduler.get_last_lr()[0], "step_time_s": step_time,
+            "samples_per_s": layout.global_batch / step_time, "peak_memory_mb": peak / 2**20,
+        }
+        if (step + 1) % config.run.log_every == 0 or step + 1 == config.run.max_steps:
+            log.log(step + 1, metrics)
+        bar.set_postfix(reward=f"{reward_mean:.4f}", kl=f"{kl_mean:.2e}", refresh=False)
+        if (step + 1) % config.run.checkpoint_every == 0 or step + 1 == config.run.max_steps:
+            last_checkpoint = checkpoints.save(engine, config, step + 1, {"step": step + 1}, ctx.is_main, ctx.barrier)
+
+    lora_path = export_lora(unet, output_dir / "lora", is_main_process=ctx.is_main)
+    log.close()
+    summary = {"steps": config.run.max_steps, "resumed_from_step": start_step, "world_size": ctx.world_size,
+               "wall_s": time.perf_counter() - started, "lora": str(lora_path),
+               "last_checkpoint": str(last_checkpoint) if last_checkpoint else None}
+    if ctx.is_main:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ctx.barrier()
+    return summary
