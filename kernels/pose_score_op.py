@@ -81,6 +81,19 @@ if HAS_TRITON:
         return o_base[:, None] + (i_h * stride_h + i_w * stride_w)[None, :]
 
     @triton.jit
+    def _segment_targets(o_p, width, b_ax, b_ay, b_abx, b_aby, b_inv_len2, b_half_inv_sigma2):
+        """For rows x pixels o_p: the clamped projection t onto the segment, p - q (q the closest point),
+        e = |p - q|^2 / (2 sigma^2) and the target T = exp(-e)."""
+        b_px = (o_p % width).to(tl.float32)[None, :] - b_ax[:, None]
+        b_py = (o_p // width).to(tl.float32)[None, :] - b_ay[:, None]
+        b_t = (b_px * b_abx[:, None] + b_py * b_aby[:, None]) * b_inv_len2[:, None]
+        b_t = tl.minimum(tl.maximum(b_t, 0.0), 1.0)
+        b_dx = b_px - b_t * b_abx[:, None]
+        b_dy = b_py - b_t * b_aby[:, None]
+        b_e = (b_dx * b_dx + b_dy * b_dy) * b_half_inv_sigma2[:, None]
+        return b_t, b_dx, b_dy, b_e, tl.exp(-b_e)
+
+    @triton.jit
     def _heatmap_divergence_fwd_kernel(
         l_ptr, seg_ptr, sigma_ptr, out_ptr,
         n_rows, n_channels, width, n_pixels,
@@ -103,14 +116,8 @@ if HAS_TRITON:
             m = m_r[:, None] & (o_p < n_pixels)[None, :]
             b_l = tl.load(l_ptr + _pixel_offsets(o_base, o_p, width, stride_h, stride_w, IS_FLAT), mask=m, other=0.0)
             b_l = b_l.to(tl.float32)
-            b_px = (o_p % width).to(tl.float32)[None, :] - b_ax[:, None]
-            b_py = (o_p // width).to(tl.float32)[None, :] - b_ay[:, None]
-            b_t = (b_px * b_abx[:, None] + b_py * b_aby[:, None]) * b_inv_len2[:, None]
-            b_t = tl.minimum(tl.maximum(b_t, 0.0), 1.0)
-            b_dx = b_px - b_t * b_abx[:, None]
-            b_dy = b_py - b_t * b_aby[:, None]
-            b_e = (b_dx * b_dx + b_dy * b_dy) * b_half_inv_sigma2[:, None]
-            b_target = tl.exp(-b_e)
+            b_t, b_dx, b_dy, b_e, b_target = _segment_targets(o_p, width, b_ax, b_ay, b_abx, b_aby, b_inv_len2,
+                                                              b_half_inv_sigma2)
             b_u = 1.0 - b_target
             b_ulogu = tl.where(b_u > 0.0, b_u * tl.log(tl.maximum(b_u, 1e-38)), 0.0)
             b_d = _softplus(b_l) - b_l * b_target - b_e * b_target + b_ulogu
@@ -148,14 +155,8 @@ if HAS_TRITON:
             m = m_r[:, None] & (o_p < n_pixels)[None, :]
             b_l = tl.load(l_ptr + _pixel_offsets(o_base, o_p, width, stride_h, stride_w, IS_FLAT), mask=m, other=0.0)
             b_l = b_l.to(tl.float32)
-            b_px = (o_p % width).to(tl.float32)[None, :] - b_ax[:, None]
-            b_py = (o_p // width).to(tl.float32)[None, :] - b_ay[:, None]
-            b_t = (b_px * b_abx[:, None] + b_py * b_aby[:, None]) * b_inv_len2[:, None]
-            b_t = tl.minimum(tl.maximum(b_t, 0.0), 1.0)
-            b_dx = b_px - b_t * b_abx[:, None]
-            b_dy = b_py - b_t * b_aby[:, None]
-            b_e = (b_dx * b_dx + b_dy * b_dy) * b_half_inv_sigma2[:, None]
-            b_target = tl.exp(-b_e)
+            b_t, b_dx, b_dy, b_e, b_target = _segment_targets(o_p, width, b_ax, b_ay, b_abx, b_aby, b_inv_len2,
+                                                              b_half_inv_sigma2)
             if NEEDS_LOGITS_GRAD:
                 b_sigmoid = 1.0 / (1.0 + tl.exp(-b_l))
                 b_dl = b_g[:, None] * (b_sigmoid - b_target)
