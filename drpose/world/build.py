@@ -7,6 +7,8 @@ model on ``narrow`` poses -> measure quality (codec reconstruction error, g_skel
 fresh ``narrow`` and ``hard`` poses, the base model's generated-pose accuracy on both: the gap DrPose
 closes) -> write the weights (float16) and ``manifest.json`` (settings, seeds, sizes, build time,
 quality figures). ``--quick`` builds a toy world in about a minute (for tests of this command).
+Each stage's weights are written as soon as they are trained; ``--reuse codec,g_skel --from DIR`` takes
+those stages from an existing world instead of training them again (their figures are re-measured).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from drpose.models.codec import LatentCodec
 from drpose.models.diffusion import make_scheduler
+from drpose.models.g_skel import GSkel
 from drpose.models.multiview_unet import MultiViewConfig, MultiViewUNet, tiny_unet_config
 from drpose.models.sampling import DDIMSampler
 
@@ -50,11 +54,24 @@ def render_image_pool(rig, resolution: int, distributions, num_each: int, seed: 
     return torch.cat(images)
 
 
+def save_half(module, folder: Path) -> None:
+    """Write one stage's weights as float16 right after it is trained (the module stays float32)."""
+    module.half()
+    try:
+        module.save_pretrained(folder)
+    finally:
+        module.float()
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def build(out: Path, quick: bool = False, codec_steps=None, g_skel_steps=None, base_steps=None) -> dict:
+REUSABLE = ("codec", "g_skel")
+
+
+def build(out: Path, quick: bool = False, codec_steps=None, g_skel_steps=None, base_steps=None,
+          reuse: tuple[str, ...] = (), reuse_from: Path | None = None) -> dict:
     settings = WorldSettings()
     rig = settings.camera_rig()
     pool_size, base_pool, eval_size = (24, 32, 8) if quick else (600, 3000, 64)
@@ -71,24 +88,44 @@ def build(out: Path, quick: bool = False, codec_steps=None, g_skel_steps=None, b
     def done(name: str):
         timings[name] = round(time.perf_counter() - timings[name], 1)
 
-    stage("render codec pool")
-    images = render_image_pool(rig, settings.resolution, ("narrow", "broad", "hard"), pool_size,
-                               SEEDS["codec_and_g_skel_pool"])
-    done("render codec pool")
+    unknown = set(reuse) - set(REUSABLE)
+    if unknown or (reuse and reuse_from is None):
+        raise ValueError(f"--reuse takes {REUSABLE} together with --from DIR, got {sorted(reuse)}")
+    previous = json.loads((reuse_from / "manifest.json").read_text()) if reuse else {}
+    out.mkdir(parents=True, exist_ok=True)
+    training_log = {}
 
-    stage("train codec")
-    codec, codec_losses = train_codec(images, codec_cfg, settings.latent_channels)
-    done("train codec")
+    if "codec" in reuse:
+        codec = LatentCodec.from_pretrained(reuse_from / "codec", torch_dtype=torch.float32).eval()
+        training_log["codec"] = previous["training"]["codec"] | {"reused_from": str(reuse_from)}
+    else:
+        stage("render codec pool")
+        images = render_image_pool(rig, settings.resolution, ("narrow", "broad", "hard"), pool_size,
+                                   SEEDS["codec_and_g_skel_pool"])
+        done("render codec pool")
+        stage("train codec")
+        codec, codec_losses = train_codec(images, codec_cfg, settings.latent_channels)
+        done("train codec")
+        training_log["codec"] = asdict(codec_cfg) | {"pool_images": int(images.shape[0]),
+                                                     "final_l1": sum(codec_losses[-50:]) / len(codec_losses[-50:])}
+        save_half(codec, out / "codec")
     held_out = render_image_pool(rig, settings.resolution, ("narrow", "hard"), eval_size, SEEDS["quality_eval"])
     codec_l1 = reconstruction_error(codec, held_out)
     codec.requires_grad_(False)
 
-    stage("train g_skel")
-    g_skel_pool = encode_pose_pool(codec, rig, settings.resolution, ["narrow", "broad", "hard"], pool_size,
-                                   SEEDS["codec_and_g_skel_pool"])
-    g_skel, g_skel_losses = train_g_skel(g_skel_pool, rig, g_skel_cfg)
+    if "g_skel" in reuse:
+        g_skel = GSkel.from_pretrained(reuse_from / "g_skel").float().eval()
+        training_log["g_skel"] = previous["training"]["g_skel"] | {"reused_from": str(reuse_from)}
+    else:
+        stage("train g_skel")
+        g_skel_pool = encode_pose_pool(codec, rig, settings.resolution, ["narrow", "broad", "hard"], pool_size,
+                                       SEEDS["codec_and_g_skel_pool"])
+        g_skel, g_skel_losses = train_g_skel(g_skel_pool, rig, g_skel_cfg)
+        done("train g_skel")
+        training_log["g_skel"] = asdict(g_skel_cfg) | {"pool_views": int(len(g_skel_pool) * rig.num_views),
+                                                       "final_loss": sum(g_skel_losses[-50:]) / len(g_skel_losses[-50:])}
+        save_half(g_skel, out / "g_skel")
     g_skel.requires_grad_(False)
-    done("train g_skel")
     eval_sets = {d: encode_pose_pool(codec, rig, settings.resolution, [d], eval_size, SEEDS["quality_eval"] + i * 10)
                  for i, d in enumerate(("narrow", "hard"))}
     g_skel_quality = {d: keypoint_accuracy(g_skel, batch, rig, settings.resolution) for d, batch in eval_sets.items()}
@@ -101,6 +138,9 @@ def build(out: Path, quick: bool = False, codec_steps=None, g_skel_steps=None, b
     narrow_pool = encode_pose_pool(codec, rig, settings.resolution, ["narrow"], base_pool, SEEDS["base_pool"])
     base, base_losses = pretrain_base(narrow_pool, unet, scheduler, base_cfg)
     done("pretrain base model")
+    training_log["base_model"] = asdict(base_cfg) | {"pool_samples": len(narrow_pool), "distribution": "narrow",
+                                                     "final_loss": sum(base_losses[-50:]) / len(base_losses[-50:])}
+    save_half(base, out / "base_model")
 
     stage("measure base model")
     sampler = DDIMSampler(scheduler, EVAL_SAMPLING_STEPS)
@@ -116,11 +156,7 @@ def build(out: Path, quick: bool = False, codec_steps=None, g_skel_steps=None, b
         "quick": quick,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "seeds": SEEDS,
-        "training": {
-            "codec": asdict(codec_cfg) | {"pool_images": int(images.shape[0]), "final_l1": sum(codec_losses[-50:]) / len(codec_losses[-50:])},
-            "g_skel": asdict(g_skel_cfg) | {"pool_views": int(len(g_skel_pool) * rig.num_views), "final_loss": sum(g_skel_losses[-50:]) / len(g_skel_losses[-50:])},
-            "base_model": asdict(base_cfg) | {"pool_samples": len(narrow_pool), "distribution": "narrow", "final_loss": sum(base_losses[-50:]) / len(base_losses[-50:])},
-        },
+        "training": training_log,
         "quality": {
             "eval_poses_per_distribution": eval_size,
             "codec_l1_held_out": codec_l1,
@@ -148,8 +184,11 @@ def main(argv=None) -> int:
     parser.add_argument("--codec-steps", type=int)
     parser.add_argument("--g-skel-steps", type=int)
     parser.add_argument("--base-steps", type=int)
+    parser.add_argument("--reuse", default="", help=f"comma-separated stages to take from --from: {', '.join(REUSABLE)}")
+    parser.add_argument("--from", dest="reuse_from", type=Path, default=None, help="world folder to reuse stages from")
     args = parser.parse_args(argv)
-    build(args.out, args.quick, args.codec_steps, args.g_skel_steps, args.base_steps)
+    reuse = tuple(part for part in args.reuse.split(",") if part)
+    build(args.out, args.quick, args.codec_steps, args.g_skel_steps, args.base_steps, reuse, args.reuse_from)
     return 0
 
 
