@@ -47,3 +47,22 @@ def test_cpu_run_says_fused_figures_need_a_gpu(quick_kernel_run):
     markdown = (out / "kernel_cpu_quick.md").read_text()
     assert "fused-kernel figures need a GPU" in markdown
     assert "| (6, 23, 32, 32) | fp32 | full | reference |" in markdown
+
+
+@pytest.mark.slow
+def test_quick_trainer_benchmark_measures_steps_and_memory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "trainer", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    payload = json.loads((tmp_path / "trainer_cpu_quick.json").read_text())
+    assert payload["meta"]["cpu_peak_exact"] is True, "run.py re-executes itself for exact CPU peak memory"
+    rows = payload["rows"]
+    assert {(r["params"]["K"], r["params"]["checkpointing"]) for r in rows} == {(1, "off"), (2, "off"), (1, "on"), (2, "on")}
+    for row in rows:
+        assert row["median_ms"] > 0 and row["peak_memory_bytes"] > 0
+        assert 0 < row["extra"]["reward_share"] < 1
+    assert (tmp_path / "trainer_cpu_quick.md").exists() and (tmp_path / "trainer_cpu_quick_growth.png").exists()

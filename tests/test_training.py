@@ -187,3 +187,20 @@ def test_bad_configuration_is_refused_by_name(tmp_path):
         from drpose.training.trainer import deepspeed_config
 
         deepspeed_config(load_config(None, ["run.deepspeed_config=missing.json"]), 1)
+
+
+def test_report_compares_base_and_finetuned_on_held_out_sets(reference_run, tmp_path):
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "drpose.report", "--run", str(reference_run), "--out", str(out),
+                             "--num", "2", "--steps", "2"], cwd=ROOT, env=environment(), capture_output=True, text=True,
+                            timeout=600)
+    check(result)
+    report = json.loads((out / "report.json").read_text())
+    for set_name in ("hard", "narrow"):
+        for model in ("base", "finetuned"):
+            metrics = report[set_name][model]
+            assert {"pck@0.05", "pck@0.1", "mpjpe", "pa_mpjpe", "pose_score"} <= set(metrics)
+    assert report["hard"]["base"]["pose_score"] != report["hard"]["finetuned"]["pose_score"]
+    for figure in ("reward_curve.png", "metrics.png", "hard_views.png", "narrow_views.png"):
+        assert (out / figure).stat().st_size > 0, figure
+    assert "PCK@0.1" in (out / "report.md").read_text()

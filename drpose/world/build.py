@@ -34,8 +34,8 @@ from .assets import DEFAULT_WORLD, World, WorldSettings, encode_pose_pool
 from .codec_training import CodecTraining, reconstruction_error, train_codec
 from .g_skel_training import GSkelTraining, keypoint_accuracy, train_g_skel
 from .pretraining import Pretraining, pretrain_base
-from .quality import generated_pose_accuracy
-from .views import render_views
+from .quality import codec_keypoint_ceiling, generated_pose_accuracy
+from .views import render_views, sample_views
 from drpose.body import joints_from_params
 from drpose.poses import sample_poses
 
@@ -74,7 +74,7 @@ def build(out: Path, quick: bool = False, codec_steps=None, g_skel_steps=None, b
           reuse: tuple[str, ...] = (), reuse_from: Path | None = None) -> dict:
     settings = WorldSettings()
     rig = settings.camera_rig()
-    pool_size, base_pool, eval_size = (24, 32, 8) if quick else (600, 3000, 64)
+    pool_size, base_pool, eval_size = (16, 16, 4) if quick else (600, 3000, 64)
     codec_cfg = CodecTraining(steps=codec_steps or (20 if quick else CodecTraining.steps), seed=SEEDS["training"])
     g_skel_cfg = GSkelTraining(steps=g_skel_steps or (20 if quick else GSkelTraining.steps), sigma=settings.sigma,
                                seed=SEEDS["training"])
@@ -111,6 +111,11 @@ def build(out: Path, quick: bool = False, codec_steps=None, g_skel_steps=None, b
         save_half(codec, out / "codec")
     held_out = render_image_pool(rig, settings.resolution, ("narrow", "hard"), eval_size, SEEDS["quality_eval"])
     codec_l1 = reconstruction_error(codec, held_out)
+    evaluator_ceiling = {
+        d: codec_keypoint_ceiling(codec, sample_views(d, eval_size, SEEDS["quality_eval"] + 50 + i, rig, settings.resolution), rig)
+        for i, d in enumerate(("narrow", "hard"))
+    }
+    print(f"[build] evaluator on codec round trips: {json.dumps(evaluator_ceiling)}", flush=True)
     codec.requires_grad_(False)
 
     if "g_skel" in reuse:
@@ -160,6 +165,7 @@ def build(out: Path, quick: bool = False, codec_steps=None, g_skel_steps=None, b
         "quality": {
             "eval_poses_per_distribution": eval_size,
             "codec_l1_held_out": codec_l1,
+            "evaluator_on_codec_round_trips": evaluator_ceiling,
             "g_skel_on_renders": g_skel_quality,
             "base_model_generated": base_quality,
             "base_model_sampling_steps": EVAL_SAMPLING_STEPS,

@@ -16,7 +16,7 @@ from drpose.models.sampling import DDIMSampler, generate
 
 from .g_skel_training import predicted_keypoints
 from .latents import LatentBatch
-from .views import unflatten_views
+from .views import RGB, ViewBatch, unflatten_views
 
 
 @torch.no_grad()
@@ -35,3 +35,18 @@ def generated_pose_accuracy(unet: MultiViewUNet, sampler: DDIMSampler, g_skel: G
     pred = predicted_keypoints(g_skel, latents, image_size)
     truth, depth = rig.project(batch.joints, image_size, batch.framing)
     return keypoint_metrics(pred, truth, rig.visible_in_frame(truth, depth, image_size), image_size)
+
+
+@torch.no_grad()
+def codec_keypoint_ceiling(codec, views: ViewBatch, rig: CameraRig) -> dict:
+    """The independent evaluator's accuracy on codec round trips of true renders: the best that decoded
+    generated views can score, since every evaluated image passes through the decoder."""
+    from drpose.evaluation.keypoints import estimate_keypoints
+
+    rgb = views.images[:, RGB]
+    size = rgb.shape[-1]
+    decoded = torch.cat([codec.decode(codec.encode(chunk)) for chunk in rgb.reshape(-1, 3, size, size).split(128)])
+    estimate = estimate_keypoints(decoded.reshape(rgb.shape), rig, views.framing)
+    per_view = torch.where(torch.isfinite(estimate.raw2d), estimate.raw2d, estimate.reprojected2d)
+    truth, depth = rig.project(views.joints, size, views.framing)
+    return keypoint_metrics(per_view, truth, rig.visible_in_frame(truth, depth, size), size)
