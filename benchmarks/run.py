@@ -83,6 +83,8 @@ def header(title: str, facts: dict, device: torch.device, meta: dict) -> str:
     if device.type == "cpu":
         lines.append("- peak memory: process peak RSS (exact: allocations unmapped on free)" if cpu_peak_is_exact()
                      else "- peak memory: process peak RSS (approximate)")
+    if "tiny_lora" in meta:
+        lines.append(f"- tiny-world adapters: {meta['tiny_lora']}")
     if "note" in meta:
         lines.append(f"- note: {meta['note']}")
     return "\n".join(lines) + "\n\n"

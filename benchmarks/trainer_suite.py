@@ -24,7 +24,7 @@ from drpose.models.multiview_unet import MultiViewConfig, MultiViewUNet, pshuman
 from drpose.models.sampling import DDIMSampler, SamplingPlan
 from drpose.poses import sample_poses
 from drpose.reward import PoseReward
-from drpose.training.config import LoraSettings
+from drpose.training.config import LoraSettings, load_config
 from drpose.training.lora import add_lora
 from drpose.world.assets import load_world
 
@@ -130,16 +130,21 @@ def measure_step(settings: TrainerSettings, *, k: int, mode: str, zero_config: s
 def run(settings: TrainerSettings, progress) -> tuple[list[Row], dict]:
     rows = []
     tiny = tiny_unet_config()
+    # The adapters the main job trains (configs/tiny.yaml). They matter for memory: with adapters in the
+    # attention layers only, a K=1 backward stops at the first attention layer, while K >= 2 must reach
+    # the UNet's input to chain into the previous step, so K=1 alone would look cheaper.
+    lora = load_config(ROOT / "configs" / "tiny.yaml").lora
     for zero_config in settings.zero_configs:
         for mode in settings.modes:
             for k in settings.ks:
                 progress(f"trainer tiny K={k} checkpointing={mode} {zero_config}")
-                rows.append(measure_step(settings, k=k, mode=mode, zero_config=zero_config, unet_config=tiny))
+                rows.append(measure_step(settings, k=k, mode=mode, zero_config=zero_config, unet_config=tiny, lora=lora))
     for views in settings.view_counts:
         progress(f"trainer tiny views={views}")
         rows.append(measure_step(settings, k=2, mode="on", zero_config=settings.zero_configs[0], unet_config=tiny,
-                                 num_views=views))
-    meta = {"step": "sample with K gradient-carrying steps (the last K) -> g_skel -> PoseScore -> backward -> step"}
+                                 num_views=views, lora=lora))
+    meta = {"step": "sample with K gradient-carrying steps (the last K) -> g_skel -> PoseScore -> backward -> step",
+            "tiny_lora": f"rank {lora.rank}, targets {', '.join(lora.target_modules)} (configs/tiny.yaml)"}
     if settings.real_size:
         rows += real_size_rows(settings, progress)
     elif settings.device.type != "cuda":
@@ -167,6 +172,25 @@ def real_size_rows(settings: TrainerSettings, progress) -> list[Row]:
     return rows
 
 
+def memory_growth(rows: list[Row]) -> list[str]:
+    """One line per (UNet, ZeRO, checkpointing) series: peak memory at the largest K over the smallest."""
+    lines = []
+    series: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r.peak_memory_bytes and r.params["views"] == 6 and r.params["batch"] == rows[0].params["batch"]:
+            series.setdefault((r.params["unet"], r.params["zero"], r.params["checkpointing"]), []).append(r)
+    for (unet, zero, mode), group in series.items():
+        group.sort(key=lambda r: r.params["K"])
+        if len(group) < 2 or group[0].params["K"] == group[-1].params["K"]:
+            continue
+        first, last = group[0], group[-1]
+        ratio = last.peak_memory_bytes / first.peak_memory_bytes
+        lines.append(f"- {unet} UNet, {zero}, checkpointing {mode}: peak memory at K={last.params['K']} is "
+                     f"{ratio:.2f}x K={first.params['K']} ({first.peak_memory_bytes / 2**20:.0f} -> "
+                     f"{last.peak_memory_bytes / 2**20:.0f} MB)")
+    return lines
+
+
 def markdown(rows: list[Row]) -> str:
     headers = ["UNet", "ZeRO", "checkpointing", "K", "views", "batch", "step ms", "samples/s", "peak MB",
                "reward share", "note"]
@@ -178,7 +202,9 @@ def markdown(rows: list[Row]) -> str:
                      fmt(r.median_ms, ".0f"), fmt(r.extra.get("samples_per_s"), ".3f"), fmt(peak, ".0f"),
                      fmt(100 * r.extra["reward_share"] if "reward_share" in r.extra else None, ".2f", "-") + ("%" if "reward_share" in r.extra else ""),
                      r.error or ""])
-    return markdown_table(headers, body)
+    growth = memory_growth(rows)
+    table = markdown_table(headers, body)
+    return table + ("\nMemory growth in K:\n\n" + "\n".join(growth) + "\n" if growth else "")
 
 
 def plot_growth(rows: list[Row], path: Path) -> Path | None:

@@ -10,6 +10,9 @@ reuse cached heap pages and under-report.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 from typing import Callable
 
@@ -37,6 +40,21 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def _release_free_heap() -> None:
+    """Hand memory that was freed but kept by the C allocator back to the system.
+
+    Earlier, larger work leaves freed pages resident (small allocations live in glibc's heaps whatever
+    the mmap threshold); later allocations would reuse them without raising the resident set, and a peak
+    measured after a big job would come out too low."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 def reset_peak(device: torch.device | str) -> int:
     """Start a peak measurement; returns the baseline (allocated bytes on GPU, resident bytes on CPU)."""
     device = torch.device(device)
@@ -61,6 +79,8 @@ def read_peak(device: torch.device | str, baseline: int) -> tuple[int, str]:
 
 def peak_memory(fn: Callable[[], object], device: torch.device | str) -> tuple[int | None, str]:
     """Run ``fn`` once; return (extra peak bytes, how it was measured)."""
+    if torch.device(device).type == "cpu":
+        _release_free_heap()
     try:
         baseline = reset_peak(device)
     except OSError:

@@ -66,3 +66,5 @@ def test_quick_trainer_benchmark_measures_steps_and_memory(tmp_path):
         assert row["median_ms"] > 0 and row["peak_memory_bytes"] > 0
         assert 0 < row["extra"]["reward_share"] < 1
     assert (tmp_path / "trainer_cpu_quick.md").exists() and (tmp_path / "trainer_cpu_quick_growth.png").exists()
+    markdown = (tmp_path / "trainer_cpu_quick.md").read_text()
+    assert "checkpointing on: peak memory at K=2 is" in markdown and "tiny-world adapters: rank" in markdown

@@ -187,6 +187,8 @@ def test_bad_configuration_is_refused_by_name(tmp_path):
         from drpose.training.trainer import deepspeed_config
 
         deepspeed_config(load_config(None, ["run.deepspeed_config=missing.json"]), 1)
+    with pytest.raises(ConfigError, match="reward.kl_weight must be >= 0"):
+        load_config(None, ["reward.kl_weight=-1"])
 
 
 def test_report_compares_base_and_finetuned_on_held_out_sets(reference_run, tmp_path):

@@ -211,6 +211,7 @@ def validate(config: TrainConfig) -> None:
         (config.run.checkpoint_every >= 1 and config.run.keep_checkpoints >= 1,
          "run.checkpoint_every and run.keep_checkpoints must be >= 1"),
         (config.lora.rank >= 1, "lora.rank must be >= 1"),
+        (config.reward.kl_weight >= 0, f"reward.kl_weight must be >= 0, got {config.reward.kl_weight}"),
     ]
     for ok, message in checks:
         if not ok:
