@@ -62,6 +62,9 @@ def providers(settings: Settings, segments: torch.Tensor, with_compile: bool = T
         found["fused"] = CPU_FUSED_NOTE
     found["reference"] = lambda x: reference.divergence_from_checked(x, segments, SIGMA)
     if settings.compile and with_compile:
+        # A fresh compile cache per case: one function compiled for every shape, dtype and mode would pass
+        # dynamo's recompile limit and silently run eager for the later cases.
+        torch._dynamo.reset()
         compiled = torch.compile(reference.divergence_from_checked, dynamic=False)
         found["reference_compiled"] = lambda x: compiled(x, segments, SIGMA)
     return found

@@ -141,8 +141,10 @@ def run(settings: TrainerSettings, progress) -> tuple[list[Row], dict]:
                 rows.append(measure_step(settings, k=k, mode=mode, zero_config=zero_config, unet_config=tiny, lora=lora))
     for views in settings.view_counts:
         progress(f"trainer tiny views={views}")
-        rows.append(measure_step(settings, k=2, mode="on", zero_config=settings.zero_configs[0], unet_config=tiny,
-                                 num_views=views, lora=lora))
+        row = measure_step(settings, k=2, mode="on", zero_config=settings.zero_configs[0], unet_config=tiny,
+                           num_views=views, lora=lora)
+        row.params["sweep"] = "views"
+        rows.append(row)
     meta = {"step": "sample with K gradient-carrying steps (the last K) -> g_skel -> PoseScore -> backward -> step",
             "tiny_lora": f"rank {lora.rank}, targets {', '.join(lora.target_modules)} (configs/tiny.yaml)"}
     if settings.real_size:
@@ -177,7 +179,7 @@ def memory_growth(rows: list[Row]) -> list[str]:
     lines = []
     series: dict[tuple, list[Row]] = {}
     for r in rows:
-        if r.peak_memory_bytes and r.params["views"] == 6 and r.params["batch"] == rows[0].params["batch"]:
+        if r.peak_memory_bytes and "sweep" not in r.params and r.params["batch"] == rows[0].params["batch"]:
             series.setdefault((r.params["unet"], r.params["zero"], r.params["checkpointing"]), []).append(r)
     for (unet, zero, mode), group in series.items():
         group.sort(key=lambda r: r.params["K"])
@@ -214,7 +216,7 @@ def plot_growth(rows: list[Row], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tiny = [r for r in rows if r.params["unet"] == "tiny" and r.median_ms and r.params["views"] == 6]
+    tiny = [r for r in rows if r.params["unet"] == "tiny" and r.median_ms and "sweep" not in r.params]
     if not tiny:
         return None
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
@@ -228,11 +230,7 @@ def plot_growth(rows: list[Row], path: Path) -> Path | None:
     axes[0].set(xlabel="K (gradient-carrying steps)", ylabel="step time (s)", title="step time vs K")
     axes[1].set(xlabel="K (gradient-carrying steps)", ylabel="peak memory (MB)", title="peak memory vs K")
     axes[0].legend(fontsize=7)
-    by_views = sorted((r for r in rows if r.params["unet"] == "tiny" and r.median_ms and r.params["K"] == 2
-                       and r.params["checkpointing"] == "on"), key=lambda r: r.params["views"])
-    views = {}
-    for r in by_views:
-        views.setdefault(r.params["views"], r)
+    views = {r.params["views"]: r for r in rows if r.params.get("sweep") == "views" and r.median_ms}
     if len(views) > 1:
         xs = sorted(views)
         axes[2].plot(xs, [views[v].median_ms / 1e3 for v in xs], "-o", label="step time (s)")

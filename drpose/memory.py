@@ -5,7 +5,8 @@ resident set (VmHWM, reset through /proc/self/clear_refs) beyond the resident se
 figure is faithful only when freed tensors leave the resident set at once: glibc serves allocations of
 at least ``MALLOC_MMAP_THRESHOLD_`` bytes with their own mappings and unmaps them on free, so processes
 that measure set that variable before they start (``exact_cpu_env``); otherwise the allocator may
-reuse cached heap pages and under-report.
+reuse cached heap pages and under-report. ``peak_memory`` also trims the C heap before it starts, so that
+pages freed by earlier, larger work do not hide part of the next measurement.
 """
 
 from __future__ import annotations

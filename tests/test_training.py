@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,10 +58,18 @@ def environment() -> dict:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch(args: list[str], processes: int | None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Through the deepspeed launcher (``processes`` ranks) or as a plain script (None)."""
     script = str(ROOT / "drpose" / "train.py")
-    command = ([str(DEEPSPEED), "--num_gpus", str(processes), script] if processes else [sys.executable, script]) + args
+    # a free rendezvous port: the launcher's default (29500) may be held by another job on the machine
+    launcher = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", str(free_port()), script]
+    command = (launcher if processes else [sys.executable, script]) + args
     return subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
 
 
