@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	@# a free rendezvous port, so that the demo runs next to other DeepSpeed jobs on the machine
-	$(VENV)/bin/deepspeed --num_gpus 1 --master_port $$($(VPY) -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])") \
+	$(VENV)/bin/deepspeed --num_gpus 1 --master_port $$($(VPY) -m drpose.training.rendezvous) \
 		drpose/train.py --config configs/tiny.yaml run.output_dir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(VPY) -m drpose.report --run $(DEMO_DIR)
 	@echo "[demo] report: $(DEMO_DIR)/report.md (figures and report.json next to it)"

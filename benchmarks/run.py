@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import re
 import sys
 import time
@@ -31,6 +30,7 @@ import kernel_suite  # noqa: E402
 import trainer_suite  # noqa: E402
 from common import device_facts, timestamp, versions, write_results  # noqa: E402
 from drpose.memory import cpu_peak_is_exact, exact_cpu_env  # noqa: E402
+from drpose.training.rendezvous import free_port  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -71,10 +71,8 @@ def ensure_process_group() -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:  # a free port, so that two runs on one machine do not collide
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(free_port())
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 

@@ -175,21 +175,22 @@ def real_size_rows(settings: TrainerSettings, progress) -> list[Row]:
 
 
 def memory_growth(rows: list[Row]) -> list[str]:
-    """One line per (UNet, ZeRO, checkpointing) series: peak memory at the largest K over the smallest."""
+    """One line per (UNet, ZeRO, checkpointing, batch) series: peak memory at the largest K over the smallest."""
     lines = []
     series: dict[tuple, list[Row]] = {}
     for r in rows:
-        if r.peak_memory_bytes and "sweep" not in r.params and r.params["batch"] == rows[0].params["batch"]:
-            series.setdefault((r.params["unet"], r.params["zero"], r.params["checkpointing"]), []).append(r)
-    for (unet, zero, mode), group in series.items():
+        if r.peak_memory_bytes and "sweep" not in r.params:
+            key = (r.params["unet"], r.params["zero"], r.params["checkpointing"], r.params["batch"])
+            series.setdefault(key, []).append(r)
+    for (unet, zero, mode, batch), group in series.items():
         group.sort(key=lambda r: r.params["K"])
-        if len(group) < 2 or group[0].params["K"] == group[-1].params["K"]:
-            continue
         first, last = group[0], group[-1]
+        if first.params["K"] == last.params["K"]:
+            continue
         ratio = last.peak_memory_bytes / first.peak_memory_bytes
         lines.append(f"- {unet} UNet, {zero}, checkpointing {mode}: peak memory at K={last.params['K']} is "
                      f"{ratio:.2f}x K={first.params['K']} ({first.peak_memory_bytes / 2**20:.0f} -> "
-                     f"{last.peak_memory_bytes / 2**20:.0f} MB)")
+                     f"{last.peak_memory_bytes / 2**20:.0f} MB, batch {batch})")
     return lines
 
 

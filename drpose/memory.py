@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 from typing import Callable
@@ -41,6 +42,16 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
 def _release_free_heap() -> None:
     """Hand memory that was freed but kept by the C allocator back to the system.
 
@@ -48,12 +59,9 @@ def _release_free_heap() -> None:
     the mmap threshold); later allocations would reuse them without raising the resident set, and a peak
     measured after a big job would come out too low."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def reset_peak(device: torch.device | str) -> int:

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from drpose.data.synthesize import synthesize
 from drpose.training.config import ConfigError, load_config
 from drpose.training.lora import add_lora, load_lora
 from drpose.training.metrics_log import read_metrics
+from drpose.training.rendezvous import free_port
 from drpose.world.assets import load_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,12 +56,6 @@ def environment() -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     env.pop("TRITON_INTERPRET", None)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch(args: list[str], processes: int | None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from .config import ConfigError, TrainConfig, resolved_yaml
 from .data import BatchLayout, SampleStream, collate, sample_noise, seeded_generator
 from .lora import add_lora, adapters_disabled, export_lora
 from .metrics_log import MetricsLog
+from .rendezvous import free_port
 
 PLAN_STREAM = 1_000_003  # separates the plan generators' seeds from the noise generators'
 
@@ -73,19 +73,13 @@ class DistributedContext:
         return bool(tensor.item())
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def setup_distributed() -> DistributedContext:
     """Join the process group the ``deepspeed`` launcher describes, or make a one-process group."""
     import deepspeed
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
