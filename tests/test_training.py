@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STEPS = 4
 # Keys of a metrics row that must be reproduced exactly (timings and memory are not).
-DETERMINISTIC = ("reward", "kl", "loss", "grad_norm", "lr")
+DETERMINISTIC = ("reward", "kl", "preserve_loss", "loss", "grad_norm", "lr")
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,8 @@ def run_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--config", str(ROOT / "configs" / "tiny.yaml"),
         f"data.path={data}", f"run.output_dir={out}", f"run.max_steps={STEPS}", "run.checkpoint_every=2",
-        "sampling.num_steps=4", "sampling.early_stop_max=2", f"run.deepspeed_config={ROOT / 'configs' / 'ds_zero2.json'}",
+        "sampling.num_steps=4", "sampling.early_stop_max=2", "preserve.num=16",
+        f"run.deepspeed_config={ROOT / 'configs' / 'ds_zero2.json'}",
         *extra,
     ]
 
@@ -91,6 +92,7 @@ def test_reference_run_logs_checkpoints_and_exports(reference_run):
         for key in ("grad_norm", "step_time_s", "samples_per_s", "peak_memory_mb", "lr"):
             assert key in row and row[key] == row[key], key
     assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] > 0, "adapters start as identity and then move"
+    assert rows[0]["preserve_loss"] == 0.0 and rows[-1]["preserve_loss"] > 0, "so does the KL on narrow poses"
     checkpoints = sorted(p.name for p in (reference_run / "checkpoints").glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2", "checkpoint-4"]
     assert (reference_run / "checkpoints" / "checkpoint-4" / "config.yaml").exists()
@@ -104,7 +106,7 @@ def test_two_gloo_processes_reproduce_one_process_at_the_same_global_batch(refer
     one, two = curve(reference_run), curve(out)
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two):  # stated tolerance: 1e-4 relative (float reduction order across ranks)
-        for key in ("reward", "kl", "loss", "grad_norm"):
+        for key in ("reward", "kl", "preserve_loss", "loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-9), (key, a, b)
     a = load_file(str(reference_run / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))

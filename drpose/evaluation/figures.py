@@ -75,10 +75,14 @@ def metric_bars(results: dict[str, dict[str, dict]], path: str | Path) -> Path:
 
 
 def reward_curve(rows: list[dict], path: str | Path, smooth: int = 10) -> Path:
-    """Reward (PoseScore) and KL over training steps from the trainer's metrics.jsonl rows."""
+    """Reward (PoseScore) and KL over training steps from the trainer's metrics.jsonl rows, and the
+    preservation loss where the run logged one."""
     steps = [r["step"] for r in rows]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
-    for axis, key, label in ((left, "reward", "PoseScore (reward)"), (right, "kl", "KL to the base model")):
+    panels = [("reward", "PoseScore (reward)"), ("kl", "KL to the base model (training poses)")]
+    if all("preserve_loss" in r for r in rows):
+        panels.append(("preserve_loss", "preservation loss (pretraining poses)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+    for axis, (key, label) in zip(axes, panels):
         values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
         axis.plot(steps, values, color="#9ab", lw=0.8, label="per step")
         if len(values) >= smooth:

@@ -80,6 +80,17 @@ class DataConfig:
 
 
 @dataclass
+class PreserveConfig:
+    """Prior preservation (drpose.training.preserve): the pretraining loss on poses the base model draws well."""
+
+    weight: float = 0.0  # 0 = off
+    target: str = "base"  # base: the frozen base model's prediction (a KL on these poses) | data: the pretraining loss
+    distribution: str = "narrow"  # the base model's pretraining distribution (tiny world); "hard" is held out
+    num: int = 256  # pool size: samples rendered in every view and domain at start-up
+    seed: int = 500
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -95,6 +106,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    preserve: PreserveConfig = field(default_factory=PreserveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -212,6 +224,13 @@ def validate(config: TrainConfig) -> None:
          "run.checkpoint_every and run.keep_checkpoints must be >= 1"),
         (config.lora.rank >= 1, "lora.rank must be >= 1"),
         (config.reward.kl_weight >= 0, f"reward.kl_weight must be >= 0, got {config.reward.kl_weight}"),
+        (config.preserve.weight >= 0, f"preserve.weight must be >= 0, got {config.preserve.weight}"),
+        (config.preserve.distribution in ("narrow", "broad"),
+         f"preserve.distribution must be narrow or broad (hard is held out for evaluation), "
+         f"got {config.preserve.distribution!r}"),
+        (config.preserve.target in ("base", "data"),
+         f"preserve.target must be base or data, got {config.preserve.target!r}"),
+        (config.preserve.num >= 1, f"preserve.num must be >= 1, got {config.preserve.num}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -35,6 +35,7 @@ from .config import ConfigError, TrainConfig, resolved_yaml
 from .data import BatchLayout, SampleStream, collate, sample_noise, seeded_generator
 from .lora import add_lora, adapters_disabled, export_lora
 from .metrics_log import MetricsLog
+from .preserve import PreservationSet
 from .rendezvous import free_port
 
 PLAN_STREAM = 1_000_003  # separates the plan generators' seeds from the noise generators'
@@ -200,6 +201,10 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
                           config.sampling.checkpointing, config.sampling.offload_activations)
     policy = GradientPolicy(config.sampling.policy, config.sampling.num_grad_steps, config.sampling.early_stop_max)
     per_sample_shape = (unet.config.images_per_sample, unet.latent_channels, settings.latent_size, settings.latent_size)
+    preserve = None
+    if config.preserve.weight > 0:
+        preserve = PreservationSet.render(world, config.preserve, per_sample_shape[0], per_sample_shape[1:],
+                                          ctx.device, dtype)
     autocast = (torch.autocast(ctx.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext)
 
     def frozen_model(x, t, cond, mask):
@@ -212,7 +217,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     for step in bar:
         step_started = time.perf_counter()
         baseline = reset_peak(ctx.device)
-        totals = [0.0, 0.0, 0.0]
+        totals = [0.0, 0.0, 0.0, 0.0]
         for micro_step in range(config.data.grad_accum):
             positions = layout.positions(step, micro_step, ctx.rank)
             batch = collate(dataset, [stream.index(p) for p in positions])
@@ -228,6 +233,12 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
                 reward = reward_fn(result.x0, joints, framing)
                 kl = result.kl()
                 loss = -reward.mean() + config.reward.kl_weight * kl
+                preserve_loss = torch.zeros(())
+                if preserve is not None:
+                    preserve_loss = preserve.loss(
+                        engine, world.scheduler, config.run.seed, step, positions, config.sampling.checkpointing,
+                        frozen_model if config.preserve.target == "base" else None)
+                    loss = loss + config.preserve.weight * preserve_loss
             if ctx.any(not torch.isfinite(loss).item()):
                 where = last_checkpoint or "none (no checkpoint was written yet)"
                 raise TrainingStopped(
@@ -236,13 +247,15 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
                     f"learning rate, precision) and continue with --resume latest")
             engine.backward(loss)
             engine.step()
-            totals = [a + b for a, b in zip(totals, (reward.detach().mean().item(), kl.item(), loss.item()))]
+            totals = [a + b for a, b in zip(totals, (reward.detach().mean().item(), kl.item(), loss.item(),
+                                                      preserve_loss.item()))]
         step_time = time.perf_counter() - step_started
         peak, _ = read_peak(ctx.device, baseline)
-        reward_mean, kl_mean, loss_mean = ctx.mean([t / config.data.grad_accum for t in totals])
+        reward_mean, kl_mean, loss_mean, preserve_mean = ctx.mean([t / config.data.grad_accum for t in totals])
         grad_norm = engine.get_global_grad_norm()
         metrics = {
             "reward": reward_mean, "kl": kl_mean, "loss": loss_mean,
+            **({"preserve_loss": preserve_mean} if preserve is not None else {}),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": scheduler.get_last_lr()[0], "step_time_s": step_time,
             "samples_per_s": layout.global_batch / step_time, "peak_memory_mb": peak / 2**20,
