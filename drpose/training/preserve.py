@@ -1,20 +1,23 @@
-"""Prior preservation: the pretraining (denoising) loss on poses the base model already draws well.
+"""Prior preservation: keep the model where it already draws poses well, while the reward moves it elsewhere.
 
 The reward only says where the joints are; it is blind to everything else an image must get right (in
 the tiny world: each body part's colour). Adapters shared by all inputs drift on those things on every
-input, including the scan-like poses that the base model was pretrained on, and a KL term on the
+input, including the scan-like poses that the base model was pretrained on, and the KL term on the
 training inputs cannot stop that drift without also holding back the pose change the reward asks for
-there. The preservation loss anchors the model where nothing should change instead: the standard
-diffusion loss (noise or v prediction MSE) on complete multi-view samples of the pretraining
-distribution, added to the DrPose loss with ``preserve.weight`` (as ReFL mixes reward and pretraining
-losses).
+there. The preservation loss anchors the model where nothing should change instead: on complete
+multi-view samples of the pretraining distribution, noised at a random timestep, the fine-tuned
+prediction is pulled towards
 
-Every training sample brings one preservation sample, chosen with its timestep and noise from
-(seed, step, stream position), so a resumed run repeats them exactly and 1 process with micro-batch 2
-computes the same loss as 2 processes with micro-batch 1.
+* ``target: base`` (default): the base model's prediction on the same input (the same UNet with the
+  adapters switched off): a KL to the base model on those poses, zero until the adapters move;
+* ``target: data``: the pretraining target (the noise, or v), i.e. the standard diffusion loss, which
+  also carries that loss's own sampling noise into every step.
 
-The pool is rendered from the tiny world's bodies (a scan-dataset analogue in every view and domain)
-and encoded with the run's codec.
+It is added to the DrPose loss with weight ``preserve.weight``. Every training sample brings one
+preservation sample, chosen with its timestep and noise from (seed, step, stream position), so a
+resumed run repeats them exactly and 1 process with micro-batch 2 computes the same loss as 2
+processes with micro-batch 1. The pool is rendered from the tiny world's bodies in every view and
+domain (the scan-dataset analogue) and encoded with the run's codec.
 """
 
 from __future__ import annotations

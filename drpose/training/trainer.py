@@ -2,8 +2,9 @@
 
 One optimizer step: for each micro-batch of (front image, pose) -> condition latent -> sample the
 multi-view latents with the configured gradient policy -> g_skel -> PoseScore (fused op on GPU,
-reference on CPU) -> loss = -PoseScore + w_KL * KL -> DeepSpeed backward; then DeepSpeed's optimizer
-step, logging and checkpointing. Only LoRA adapters train.
+reference on CPU) -> loss = -PoseScore + w_KL * KL (+ w_pres * the preservation loss on pretraining-distribution
+poses, :mod:`drpose.training.preserve`) -> DeepSpeed backward; then DeepSpeed's optimizer step, logging
+and checkpointing. Only LoRA adapters train.
 """
 
 from __future__ import annotations
