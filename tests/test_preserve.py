@@ -62,9 +62,9 @@ def test_draw_pairs_a_sample_with_its_own_front_view_condition(pool):
 def test_loss_is_the_pretraining_objective_and_reaches_the_adapters(world, pool):
     unet = world.unet
     x0, noise, timesteps, cond = pool.draw(0, 7, [0, 1])
-    expected = (unet(add_noise(world.scheduler, x0, noise, timesteps), timesteps, cond)
-                - training_target(world.scheduler, x0, noise, timesteps)).pow(2).mean()
     with torch.no_grad():
+        expected = (unet(add_noise(world.scheduler, x0, noise, timesteps), timesteps, cond)
+                    - training_target(world.scheduler, x0, noise, timesteps)).pow(2).mean()
         got = pool.loss(unet, world.scheduler, 0, 7, [0, 1], checkpointing=False)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 

@@ -81,7 +81,8 @@ class DataConfig:
 
 @dataclass
 class PreserveConfig:
-    """Prior preservation (drpose.training.preserve): the pretraining loss on poses the base model draws well."""
+    """Prior preservation (drpose.training.preserve): on poses the base model draws well, keep the fine-tuned
+    prediction at the base model's (``target: base``) or at the pretraining target (``target: data``)."""
 
     weight: float = 0.0  # 0 = off
     target: str = "base"  # base: the frozen base model's prediction (a KL on these poses) | data: the pretraining loss
