@@ -22,7 +22,9 @@ Distributions (all deterministic by seed, all within limits):
 - ``narrow``: scan-like. Upright (tilt within a few degrees, yaw within +-20), A-pose arms, every
   angle a small Gaussian perturbation of that rest pose (sigma 6 % of its range, cut at 2 sigma).
 - ``broad``: dance-like. Any heading, tilts up to 25 degrees, every angle drawn over its whole range
-  with a Beta(2, 2) density (large limb and torso motion, extremes less often).
+  with a Beta(2, 2) density (large limb and torso motion, extremes less often); a share
+  (:data:`BREAKING_SHARE`) are breaking moves (freezes, flips, windmills: any global orientation), as the
+  Break genre of a dance corpus holds them.
 - ``hard``: acrobatic. An equal mix of inversions (upside down, arms overhead), splits (front or
   side), strong spine bends (forward folds with flexed hips, backbends), and tumbles (uniformly random
   global rotation); every angle not set by the family is uniform over its whole range.
@@ -242,7 +244,7 @@ def _set_mirrored(angles, mask, joint: str, axis: str, left_values: torch.Tensor
     )
 
 
-def _narrow(generator: torch.Generator, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _narrow(generator: torch.Generator, num: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     low, high = _limit_bounds()
     angles = torch.zeros(num, 21, 3, dtype=torch.float64)
     everyone = torch.ones(num, dtype=torch.bool)
@@ -253,23 +255,30 @@ def _narrow(generator: torch.Generator, num: int) -> tuple[torch.Tensor, torch.T
     angles = torch.minimum(torch.maximum(angles + 0.06 * (high - low) * noise, low), high)
     yaw = _uniform(generator, num, -20.0, 20.0)
     tilt = (3.0 * torch.randn(num, 2, generator=generator, dtype=torch.float64)).clamp(-6.0, 6.0)
-    return _heading_and_tilt(yaw, tilt[:, 0], tilt[:, 1]), angles
+    return _heading_and_tilt(yaw, tilt[:, 0], tilt[:, 1]), angles, torch.zeros(num, dtype=torch.long)
 
 
-def _broad(generator: torch.Generator, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+BREAKING_SHARE = 0.25
+"""Share of ``broad`` poses in breaking moves: any global orientation (the rest stand within 25 degrees)."""
+
+
+def _broad(generator: torch.Generator, num: int, breaking_share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     low, high = _limit_bounds()
     # The median of three uniform numbers is Beta(2, 2) distributed.
     unit = torch.rand(num, 21, 3, 3, generator=generator, dtype=torch.float64).median(-1).values
     angles = low + (high - low) * unit
     yaw = _uniform(generator, num, -180.0, 180.0)
     tilt = (10.0 * torch.randn(num, 2, generator=generator, dtype=torch.float64)).clamp(-25.0, 25.0)
-    return _heading_and_tilt(yaw, tilt[:, 0], tilt[:, 1]), angles
+    upright = _heading_and_tilt(yaw, tilt[:, 0], tilt[:, 1])
+    # Breaking moves (freezes, flips, windmills): a share of the dancers in any orientation at all.
+    breaking = torch.rand(num, generator=generator) < breaking_share
+    return torch.where(breaking[:, None, None], _uniform_rotations(generator, num), upright), angles, breaking.long()
 
 
 _HARD_FAMILIES = ("inversion", "split", "bend", "tumble")
 
 
-def _hard(generator: torch.Generator, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _hard(generator: torch.Generator, num: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     low, high = _limit_bounds()
     angles = _uniform(generator, (num, 21, 3), low, high)
     family = torch.randint(0, len(_HARD_FAMILIES), (num,), generator=generator)
@@ -315,29 +324,50 @@ def _hard(generator: torch.Generator, num: int) -> tuple[torch.Tensor, torch.Ten
     global_rotation = _uniform_rotations(generator, num)
     for members, rotation in ((inversion, inverted), (split, split_tilt), (bend, bend_tilt)):
         global_rotation = torch.where(members[:, None, None], rotation, global_rotation)
-    return global_rotation, angles
+    return global_rotation, angles, family
 
 
 _SAMPLERS = {"narrow": _narrow, "broad": _broad, "hard": _hard}
+FAMILIES = {"narrow": ("scan",), "broad": ("dance", "breaking"), "hard": _HARD_FAMILIES}
+"""The kinds of pose each distribution mixes (:func:`pose_families` says which each sample is)."""
 
 
-def sample_poses(distribution: str, num: int, seed: int = 0) -> SMPLXParams:
+def sample_poses(distribution: str, num: int, seed: int = 0, *, breaking_share: float | None = None) -> SMPLXParams:
     """``num`` poses from ``distribution`` (``narrow`` | ``broad`` | ``hard``), deterministic by seed.
+
+    ``breaking_share``: the share of ``broad`` poses in breaking moves (None: :data:`BREAKING_SHARE`;
+    the other distributions ignore it).
 
     Returns :class:`~drpose.body.SMPLXParams` with ``global_orient`` (N, 3) and ``body_pose``
     (N, 21, 3) in float32 (no betas, translation or hands). Every pose is within
     :data:`JOINT_LIMITS`.
     """
-    if distribution not in _SAMPLERS:
-        raise ValueError(f"distribution: expected one of {DISTRIBUTIONS}, got {distribution!r}")
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num: expected a positive int, got {num!r}")
-    generator = torch.Generator().manual_seed(int(seed))
-    global_rotation, angles = _SAMPLERS[distribution](generator, num)
+    global_rotation, angles, _ = _sample(distribution, num, seed, breaking_share)
     return SMPLXParams(
         global_orient=matrix_to_axis_angle(global_rotation).float(),
         body_pose=_angles_to_body_pose(angles).float(),
     )
+
+
+def pose_families(distribution: str, num: int, seed: int = 0, *, breaking_share: float | None = None) -> list[str]:
+    """Which of :data:`FAMILIES` each pose of ``sample_poses(distribution, num, seed, ...)`` belongs to."""
+    _, _, family = _sample(distribution, num, seed, breaking_share)
+    names = FAMILIES[distribution]
+    return [names[i] for i in family.tolist()]
+
+
+def _sample(distribution: str, num: int, seed: int, breaking_share: float | None):
+    if distribution not in _SAMPLERS:
+        raise ValueError(f"distribution: expected one of {DISTRIBUTIONS}, got {distribution!r}")
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num: expected a positive int, got {num!r}")
+    share = BREAKING_SHARE if breaking_share is None else breaking_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"breaking_share: expected a number in [0, 1], got {breaking_share!r}")
+    generator = torch.Generator().manual_seed(int(seed))
+    if distribution == "broad":
+        return _broad(generator, num, float(share))
+    return _SAMPLERS[distribution](generator, num)
 
 
 def position_spread(joints: torch.Tensor) -> float:

@@ -2,7 +2,8 @@
 
     python -m drpose.report --run runs/demo [--out runs/demo] [--num 48] [--steps 10]
 
-Writes ``report.json`` (``{set: {"base": metrics, "finetuned": metrics}}`` plus ``meta``), ``report.md``
+Writes ``report.json`` (``{set: {"base": metrics, "finetuned": metrics}}`` plus ``by_family``: the same
+split by the kind of pose, e.g. ``hard``'s inversions, splits, bends and tumbles; and ``meta``), ``report.md``
 and figures: ``reward_curve.png`` (from the run's metrics.jsonl), ``metrics.png`` (bars), and per set
 ``<set>_views.png`` (true renders, base and fine-tuned views with keypoints read from the images).
 """
@@ -19,7 +20,8 @@ import torch
 
 from drpose.evaluate import HELD_OUT_SEEDS, load_model, markdown_table
 from drpose.evaluation.figures import keypoint_grid, metric_bars, reward_curve
-from drpose.evaluation.metrics_run import run_model, summarize
+from drpose.evaluation.metrics_run import EvaluationOutputs, run_model, summarize
+from drpose.poses import pose_families
 from drpose.training.config import load_config
 from drpose.training.metrics_log import read_metrics
 from drpose.world.assets import load_world
@@ -40,12 +42,28 @@ def comparison_rows(truth_rgb, truth2d, runs: dict, count: int) -> list[dict]:
     return rows
 
 
+FAMILY_METRICS = ("pck@0.1", "mpjpe", "pose_score", "samples")
+
+
+def family_breakdown(runs: dict[str, EvaluationOutputs], families: list[str], image_size: int,
+                     view_names: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """``{family: {model: metrics}}`` over the samples of each family (in order of first appearance)."""
+    breakdown = {}
+    for family in dict.fromkeys(families):
+        mask = torch.tensor([f == family for f in families])
+        breakdown[family] = {
+            model: {k: v for k, v in summarize(outputs.select(mask), image_size, view_names).items() if k in FAMILY_METRICS}
+            for model, outputs in runs.items()
+        }
+    return breakdown
+
+
 def build_report(run_dir: Path, out: Path, num: int, steps: int, seed: int) -> dict:
     config = load_config(run_dir / "config.yaml")
     world = load_world(config.model.world)
     models = {"base": load_model(world, "base"), "finetuned": load_model(world, str(run_dir))}
     out.mkdir(parents=True, exist_ok=True)
-    results, figures = {}, {}
+    results, figures, by_family = {}, {}, {}
     for set_name in SETS:
         views = sample_views(set_name, num, HELD_OUT_SEEDS[set_name], world.rig, world.settings.resolution)
         images = (views.condition * 255).round() / 255
@@ -54,6 +72,9 @@ def build_report(run_dir: Path, out: Path, num: int, steps: int, seed: int) -> d
             print(f"[report] {model} on held-out {set_name} ({num} samples, {steps} DDIM steps)", flush=True)
             runs[model] = run_model(world, unet, images, views.joints, steps, seed)
         results[set_name] = {model: summarize(o, world.settings.resolution, world.rig.view_names) for model, o in runs.items()}
+        families = pose_families(set_name, num, HELD_OUT_SEEDS[set_name])
+        if len(set(families)) > 1:
+            by_family[set_name] = family_breakdown(runs, families, world.settings.resolution, world.rig.view_names)
         truth2d = runs["base"].truth2d
         rows = comparison_rows(views.images[:, RGB], truth2d, runs, min(FIGURE_SAMPLES, num))
         figures[f"{set_name}_views"] = keypoint_grid(rows, world.rig.view_names, out / f"{set_name}_views.png",
@@ -70,13 +91,24 @@ def build_report(run_dir: Path, out: Path, num: int, steps: int, seed: int) -> d
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "figures": {k: str(v) for k, v in figures.items()},
     }
-    report = {**results, "meta": meta}
+    report = {**results, "by_family": by_family, "meta": meta}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown_report(results, meta))
+    (out / "report.md").write_text(markdown_report(results, meta, by_family))
     return report
 
 
-def markdown_report(results: dict, meta: dict) -> str:
+def family_table(set_name: str, breakdown: dict[str, dict[str, dict]]) -> list[str]:
+    lines = [f"Held-out {set_name} by kind of pose:", "",
+             "| family | samples | PCK@0.1 base | PCK@0.1 fine-tuned | MPJPE base (mm) | MPJPE fine-tuned (mm) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for family, models in breakdown.items():
+        base, tuned = models["base"], models["finetuned"]
+        lines.append(f"| {family} | {base['samples']} | {base['pck@0.1']:.3f} | {tuned['pck@0.1']:.3f} | "
+                     f"{base['mpjpe']:.1f} | {tuned['mpjpe']:.1f} |")
+    return lines + [""]
+
+
+def markdown_report(results: dict, meta: dict, by_family: dict | None = None) -> str:
     lines = ["# DrPose report", "", markdown_table(results), "Change from base to fine-tuned:", ""]
     for set_name, models in results.items():
         base, tuned = models["base"], models["finetuned"]
@@ -85,8 +117,11 @@ def markdown_report(results: dict, meta: dict) -> str:
             f"({100 * (tuned['pck@0.1'] - base['pck@0.1']):+.1f} points); MPJPE {base['mpjpe']:.1f} -> "
             f"{tuned['mpjpe']:.1f} mm ({100 * (tuned['mpjpe'] / base['mpjpe'] - 1):+.1f}%); PoseScore "
             f"{base['pose_score']:.4f} -> {tuned['pose_score']:.4f}")
+    lines.append("")
+    for set_name, breakdown in (by_family or {}).items():
+        lines += family_table(set_name, breakdown)
     training = meta.get("training") or {}
-    lines += ["", f"Evaluation: {meta['evaluation_samples_per_set']} held-out samples per set, {meta['ddim_steps']} DDIM "
+    lines += [f"Evaluation: {meta['evaluation_samples_per_set']} held-out samples per set, {meta['ddim_steps']} DDIM "
               f"steps; keypoints read from decoded images by the analytic estimator (not the reward model). "
               f"Training: {training.get('steps')} steps in {training.get('wall_s', float('nan')):.0f} s on "
               f"{meta['machine']['cuda'] or str(meta['machine']['cpu_count']) + ' CPU cores'}.", ""]

@@ -20,7 +20,8 @@ from drpose.data.motion import main as motion_main
 from drpose.data.preview import contact_sheet
 from drpose.data.preview import main as preview_main
 from drpose.data.synthesize import main as synthesize_main
-from drpose.poses import sample_poses
+from drpose.data.synthesize import synthesize
+from drpose.poses import remove_heading, sample_poses
 from drpose.render import render_bodies
 from drpose.skeleton import BODY22_NAMES, convert_joints
 
@@ -74,6 +75,34 @@ def test_synthesize_is_deterministic_and_refuses_a_used_folder(synthetic, tmp_pa
     with pytest.raises(SystemExit):
         synthesize_main(["--out", str(again), "--num", "1", "--distribution", "narrow"])
     assert "is not empty; choose a new folder" in capsys.readouterr().err
+
+
+def test_synthesize_keeps_the_most_diverse_of_a_pool(tmp_path, capsys):
+    out = tmp_path / "fps"
+    synthesize_main(["--out", str(out), "--num", "6", "--distribution", "broad", "--seed", "4", "--resolution", "16",
+                     "--fps-pool", "40"])
+    dataset = DrPoseDataset(out)
+    pool = sample_poses("broad", 40, seed=4)
+    chosen = [int(record.source.rsplit("index=", 1)[1]) for record in dataset.records]
+    assert all(r.source.startswith("synthetic:broad:seed=4:pool=40:index=") for r in dataset.records)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 6  # pool order, no repeats
+    for record, index in zip(dataset.records, chosen):
+        torch.testing.assert_close(record.params.body_pose[0], pool.body_pose[index])
+        torch.testing.assert_close(record.params.global_orient[0], pool.global_orient[index])
+
+    def min_pairwise(indices):
+        joints = remove_heading(joints_from_params(pool.select(indices)))
+        joints = joints - joints[:, :1]
+        distance = (joints[:, None] - joints[None]).norm(dim=-1).mean(-1)
+        return float(distance[~torch.eye(len(indices), dtype=torch.bool)].min())
+
+    assert min_pairwise(chosen) > min_pairwise(list(range(6)))  # more spread out than the pool's first six
+    with pytest.raises(SystemExit):
+        synthesize_main(["--out", str(tmp_path / "small"), "--num", "6", "--distribution", "broad", "--fps-pool", "5"])
+    assert "--fps-pool must be at least --num (6), got 5" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"fps_pool: expected an int >= num \(6\)"):
+        synthesize(tmp_path / "small", 6, "broad", seed=0, fps_pool=3)
+    assert not (tmp_path / "small").exists()
 
 
 # --- every kind of corrupted record -------------------------------------------------------------------

@@ -33,6 +33,24 @@ def test_summary_metrics_are_exact_on_known_errors():
     assert off["pose_score"] == pytest.approx(-0.1)
 
 
+def test_family_breakdown_splits_the_metrics_by_kind_of_pose():
+    from drpose.report import family_breakdown, family_table
+
+    names = ("front", "front_right", "right", "back", "left", "front_left")
+    exact, off = outputs_with_errors(0.0, 0.0), outputs_with_errors(5.0, 0.05)
+    # Samples 0 and 2 ("split") exact, 1 and 3 ("tumble") 5 px / 5 cm off: one model, mixed per sample.
+    mixed = EvaluationOutputs(*(torch.where(torch.tensor([True, False, True, False]).view(-1, *[1] * (getattr(exact, f).ndim - 1)),
+                                            getattr(exact, f), getattr(off, f)) for f in EvaluationOutputs.__dataclass_fields__))
+    breakdown = family_breakdown({"base": off, "finetuned": mixed}, ["split", "tumble", "split", "tumble"], 64, names)
+    assert list(breakdown) == ["split", "tumble"]
+    assert breakdown["split"]["finetuned"] == pytest.approx({"pck@0.1": 1.0, "mpjpe": 0.0, "pose_score": -0.1, "samples": 2},
+                                                            abs=1e-6)
+    assert breakdown["tumble"]["finetuned"]["mpjpe"] == pytest.approx(50.0 * 21 / 22, rel=1e-4)
+    assert breakdown["split"]["base"]["mpjpe"] == pytest.approx(50.0 * 21 / 22, rel=1e-4)
+    table = "\n".join(family_table("hard", breakdown))
+    assert "| split | 2 | 1.000 | 1.000 | 47.7 | 0.0 |" in table and "| tumble | 2 |" in table
+
+
 @pytest.mark.slow
 def test_evaluate_command_on_the_builtin_hard_set(tmp_path):
     out = tmp_path / "eval"

@@ -10,8 +10,8 @@ from smplx.lbs import batch_rodrigues
 
 from drpose.body import joints_from_params
 from drpose.poses import (
-    DISTRIBUTIONS, JOINT_LIMITS, check_limits, euler_to_matrix, farthest_point_sampling,
-    joint_angles, matrix_to_axis_angle, matrix_to_euler, position_spread, remove_heading,
+    BREAKING_SHARE, DISTRIBUTIONS, JOINT_LIMITS, check_limits, euler_to_matrix, farthest_point_sampling,
+    joint_angles, matrix_to_axis_angle, matrix_to_euler, pose_families, position_spread, remove_heading,
     sample_poses, within_limits,
 )
 from drpose.skeleton import BODY22_NAMES
@@ -113,6 +113,10 @@ def test_narrow_is_upright_and_hard_has_inversions(samples):
     assert bool(head_above_pelvis(samples["narrow"]).all())
     inverted = (~head_above_pelvis(samples["hard"])).float().mean()
     assert 0.25 < inverted < 0.75
+    families = pose_families("hard", 1500, seed=7)
+    assert set(families) == {"inversion", "split", "bend", "tumble"}
+    inverted_family = torch.tensor([f == "inversion" for f in families])
+    assert float((~head_above_pelvis(samples["hard"].select(inverted_family))).float().mean()) > 0.9
     # Splits: some hard poses have the thighs more than 120 degrees apart.
     joints = joints_from_params(samples["hard"])
     left = joints[:, J("left_knee")] - joints[:, J("left_hip")]
@@ -126,11 +130,44 @@ def test_narrow_is_upright_and_hard_has_inversions(samples):
     assert bool((narrow_cos > math.cos(math.radians(60))).all())
 
 
+def _upright_share(params) -> float:
+    joints = joints_from_params(params)
+    trunk = joints[:, J("neck")] - joints[:, J("pelvis")]
+    return float((trunk[:, 1] / trunk.norm(dim=-1) > math.cos(math.radians(60))).float().mean())
+
+
+def test_broad_holds_a_share_of_breaking_moves_in_any_orientation(samples):
+    # Upright dancers tilt 25 degrees at most; breaking moves (a BREAKING_SHARE of them) turn any way, so
+    # about half of those lean more than 60 degrees (a uniform rotation's up axis is uniform on the sphere).
+    assert 0.0 < BREAKING_SHARE < 0.5
+    upright = sample_poses("broad", 1500, seed=7, breaking_share=0.0)
+    assert _upright_share(upright) > 0.98
+    leaning = 1.0 - _upright_share(samples["broad"])
+    assert abs(leaning - BREAKING_SHARE * 0.75) < 0.04, leaning
+    assert 1.0 - _upright_share(sample_poses("broad", 1500, seed=7, breaking_share=1.0)) > 0.65
+    # The share changes the orientations only: the joint angles are the same draws.
+    assert torch.equal(upright.body_pose, samples["broad"].body_pose)
+    assert not torch.equal(upright.global_orient, samples["broad"].global_orient)
+    # pose_families names the breaking ones: only those lean, and there are about BREAKING_SHARE of them.
+    families = pose_families("broad", 1500, seed=7)
+    breaking = torch.tensor([f == "breaking" for f in families])
+    assert set(families) == {"dance", "breaking"} and abs(float(breaking.float().mean()) - BREAKING_SHARE) < 0.04
+    assert _upright_share(samples["broad"].select(~breaking)) > 0.98
+    assert _upright_share(samples["broad"].select(breaking)) < 0.4
+    assert set(pose_families("broad", 200, seed=7, breaking_share=0.0)) == {"dance"}
+    # Other distributions ignore it.
+    assert torch.equal(sample_poses("hard", 8, seed=1, breaking_share=1.0).global_orient,
+                       sample_poses("hard", 8, seed=1).global_orient)
+
+
 def test_sample_poses_rejects_bad_arguments():
     with pytest.raises(ValueError, match="distribution: expected one of"):
         sample_poses("wild", 4)
     with pytest.raises(ValueError, match="num: expected a positive int"):
         sample_poses("hard", 0)
+    for share in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match=r"breaking_share: expected a number in \[0, 1\]"):
+            sample_poses("broad", 4, breaking_share=share)
 
 
 def test_farthest_point_sampling_picks_every_cluster_first():

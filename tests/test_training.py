@@ -45,7 +45,7 @@ def dataset(tmp_path_factory) -> Path:
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--config", str(ROOT / "configs" / "tiny.yaml"),
-        f"data.path={data}", f"run.output_dir={out}", f"run.max_steps={STEPS}", "run.checkpoint_every=2",
+        f"data.path={data}", "data.synthesize_distribution=null", f"run.output_dir={out}", f"run.max_steps={STEPS}", "run.checkpoint_every=2",
         "sampling.num_steps=4", "sampling.early_stop_max=2", "preserve.num=16",
         f"run.deepspeed_config={ROOT / 'configs' / 'ds_zero2.json'}",
         *extra,
@@ -194,6 +194,22 @@ def test_bad_configuration_is_refused_by_name(tmp_path):
         deepspeed_config(load_config(None, ["run.deepspeed_config=missing.json"]), 1)
     with pytest.raises(ConfigError, match="reward.kl_weight must be >= 0"):
         load_config(None, ["reward.kl_weight=-1"])
+    with pytest.raises(ConfigError, match=r"data.synthesize_fps_pool must be >= data.synthesize_num \(256\)"):
+        load_config(None, ["data.synthesize_fps_pool=100"])
+    assert load_config(None, ["data.synthesize_fps_pool=300"]).data.synthesize_fps_pool == 300
+
+
+def test_a_stale_synthesized_dataset_is_refused_by_name(dataset):
+    from drpose.data.dataset import DrPoseDataset
+    from drpose.training.trainer import check_synthesized
+
+    data = DrPoseDataset(dataset)  # 12 broad poses, seed 300, no selection from a pool
+    check_synthesized(data, load_config(None, ["data.synthesize_distribution=broad", "data.synthesize_num=12"]))
+    for changed in (["data.synthesize_num=16"], ["data.synthesize_seed=301"], ["data.synthesize_distribution=hard"],
+                    ["data.synthesize_fps_pool=64"]):
+        config = load_config(None, ["data.synthesize_distribution=broad", "data.synthesize_num=12", *changed])
+        with pytest.raises(ConfigError, match=r"data.path: .* holds 12 synthetic records \(synthetic:broad:seed=300:\.\.\.\)"):
+            check_synthesized(data, config)
 
 
 def test_report_compares_base_and_finetuned_on_held_out_sets(reference_run, tmp_path):

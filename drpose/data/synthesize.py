@@ -1,10 +1,11 @@
 """Synthetic DrPose15K-style datasets: sampled poses rendered as capsule bodies.
 
 ``python -m drpose.data.synthesize --out DIR --num N --distribution {narrow,broad,hard} --seed S
-[--resolution 64]`` writes N records. Each record's image is the front view (azimuth 0) of the
-default rig, its pose the sampled SMPL-X parameters (mean shape: betas 0, transl 0, since the
-built-in skeleton has one shape), and its renders all six views (RGB, normals, mask, part ids) for
-evaluation. The same seed always writes the same dataset.
+[--resolution 64] [--fps-pool M]`` writes N records; with ``--fps-pool`` they are the N most diverse of
+M drawn poses (farthest-point sampling, as DrPose15K is picked from a motion corpus). Each record's image
+is the front view (azimuth 0) of the default rig, its pose the sampled SMPL-X parameters (mean shape:
+betas 0, transl 0, since the built-in skeleton has one shape), and its renders all six views (RGB,
+normals, mask, part ids) for evaluation. The same seed always writes the same dataset.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from drpose.body import SMPLXBody, SMPLXParams, joints_from_params
 from drpose.cameras import CameraRig
 from drpose.data.dataset import DatasetWriter
-from drpose.poses import DISTRIBUTIONS, sample_poses
+from drpose.poses import DISTRIBUTIONS, farthest_point_sampling, remove_heading, sample_poses
 from drpose.render import Renders, render_bodies
 
 NUM_BETAS = 10
@@ -57,18 +58,40 @@ def write_rendered_records(writer: DatasetWriter, params: SMPLXParams, record_id
             bar.update(len(batch))
 
 
+def select_diverse(params: SMPLXParams, num: int, seed: int) -> torch.Tensor:
+    """Indices (num,) of ``params``, in pool order, picked by farthest-point sampling of the heading-free joints.
+
+    This is how DrPose15K picks its poses from a motion corpus: the most diverse ones, so that rare poses
+    (here: breaking moves, strong tilts) are over-represented compared with the corpus itself.
+    """
+    joints = remove_heading(joints_from_params(params))
+    return farthest_point_sampling(joints, num, seed=seed).sort().values
+
+
 def synthesize(out: str | Path, num: int, distribution: str, seed: int, resolution: int = 64,
-               rig: CameraRig | None = None, progress: bool = True) -> Path:
-    """Write a synthetic dataset of ``num`` poses from ``distribution`` to the new folder ``out``."""
+               rig: CameraRig | None = None, progress: bool = True, fps_pool: int | None = None) -> Path:
+    """Write a synthetic dataset of ``num`` poses from ``distribution`` to the new folder ``out``.
+
+    With ``fps_pool``, ``fps_pool`` poses are drawn and the ``num`` most diverse of them kept
+    (:func:`select_diverse`); the record sources name each pose's index in that pool.
+    """
+    if fps_pool is not None and (isinstance(fps_pool, bool) or not isinstance(fps_pool, int) or fps_pool < num):
+        raise ValueError(f"fps_pool: expected an int >= num ({num}) (the pool to select from), got {fps_pool!r}")
     rig = CameraRig() if rig is None else rig
-    params = sample_poses(distribution, num, seed)
+    if fps_pool is None:
+        params = sample_poses(distribution, num, seed)
+        origin = [f"synthetic:{distribution}:seed={seed}:index={index}" for index in range(num)]
+    else:
+        pool = sample_poses(distribution, fps_pool, seed)
+        chosen = select_diverse(pool, num, seed)
+        params = pool.select(chosen)
+        origin = [f"synthetic:{distribution}:seed={seed}:pool={fps_pool}:index={index}" for index in chosen.tolist()]
     params = SMPLXParams(params.global_orient, params.body_pose,
                          betas=torch.zeros(num, NUM_BETAS), transl=torch.zeros(num, 3))
     with DatasetWriter(out) as writer:
         write_rendered_records(
             writer, params, [f"{index:06d}" for index in range(num)], rig=rig, resolution=resolution,
-            with_renders=True, progress=progress,
-            sources=[f"synthetic:{distribution}:seed={seed}:index={index}" for index in range(num)],
+            with_renders=True, progress=progress, sources=origin,
         )
     return Path(out)
 
@@ -83,13 +106,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--distribution", required=True, choices=DISTRIBUTIONS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--fps-pool", type=int, default=None, metavar="M",
+                        help="draw M poses and keep the --num most diverse (farthest-point sampling), as DrPose15K does")
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be at least 1")
     if args.resolution < 1:
         parser.error("--resolution must be at least 1")
+    if args.fps_pool is not None and args.fps_pool < args.num:
+        parser.error(f"--fps-pool must be at least --num ({args.num}), got {args.fps_pool}")
     try:
-        synthesize(args.out, args.num, args.distribution, args.seed, args.resolution)
+        synthesize(args.out, args.num, args.distribution, args.seed, args.resolution, fps_pool=args.fps_pool)
     except FileExistsError as error:
         parser.error(str(error))
     print(f"wrote {args.num} {args.distribution} samples to {args.out}")

@@ -43,6 +43,10 @@ class EvaluationOutputs:
     truth3d: torch.Tensor  # (B, 22, 3)
     pose_score: torch.Tensor  # (B,)
 
+    def select(self, index: torch.Tensor) -> EvaluationOutputs:
+        """The samples at ``index`` (a boolean mask or indices over B)."""
+        return EvaluationOutputs(*(getattr(self, f)[index] for f in EvaluationOutputs.__dataclass_fields__))
+
 
 @torch.no_grad()
 def run_model(world: World, unet: MultiViewUNet, images: torch.Tensor, joints: torch.Tensor, num_steps: int,

@@ -77,6 +77,7 @@ class DataConfig:
     synthesize_distribution: str | None = None  # when set and ``path`` is missing, rank 0 synthesizes it
     synthesize_num: int = 256
     synthesize_seed: int = 300
+    synthesize_fps_pool: int | None = None  # draw this many and keep the synthesize_num most diverse (DrPose15K's FPS)
 
 
 @dataclass
@@ -231,6 +232,9 @@ def validate(config: TrainConfig) -> None:
          f"got {config.preserve.distribution!r}"),
         (config.preserve.target in ("base", "data"),
          f"preserve.target must be base or data, got {config.preserve.target!r}"),
+        (config.data.synthesize_fps_pool is None or config.data.synthesize_fps_pool >= config.data.synthesize_num,
+         f"data.synthesize_fps_pool must be >= data.synthesize_num ({config.data.synthesize_num}) or null, "
+         f"got {config.data.synthesize_fps_pool}"),
         (config.preserve.num >= 1, f"preserve.num must be >= 1, got {config.preserve.num}"),
     ]
     for ok, message in checks:

@@ -144,12 +144,34 @@ def prepare_data(config: TrainConfig, ctx: DistributedContext) -> DrPoseDataset:
                               f"--out {path} --num 256 --distribution broad --seed 300`, or set "
                               f"data.synthesize_distribution to have the trainer create it")
         if ctx.is_main:
-            print(f"[drpose] synthesizing {config.data.synthesize_num} {config.data.synthesize_distribution} poses "
-                  f"into {path}", flush=True)
+            pool = config.data.synthesize_fps_pool
+            picked = f" (the most diverse of {pool}, farthest-point sampling)" if pool is not None else ""
+            print(f"[drpose] synthesizing {config.data.synthesize_num} {config.data.synthesize_distribution} poses"
+                  f"{picked} into {path}", flush=True)
             synthesize(path, config.data.synthesize_num, config.data.synthesize_distribution,
-                       config.data.synthesize_seed, progress=True)
+                       config.data.synthesize_seed, progress=True, fps_pool=pool)
         ctx.barrier()
-    return DrPoseDataset(path)
+    dataset = DrPoseDataset(path)
+    if config.data.synthesize_distribution is not None:
+        check_synthesized(dataset, config)
+    return dataset
+
+
+def check_synthesized(dataset: DrPoseDataset, config: TrainConfig) -> None:
+    """A folder the trainer synthesized earlier must match what the config asks for now (a dataset of one's own,
+    whose records are not all synthetic, is used as it is)."""
+    sources = [record.source or "" for record in dataset.records]
+    if not all(source.startswith("synthetic:") for source in sources):
+        return
+    data = config.data
+    pool = f"pool={data.synthesize_fps_pool}:" if data.synthesize_fps_pool is not None else ""
+    expected = f"synthetic:{data.synthesize_distribution}:seed={data.synthesize_seed}:{pool}index="
+    if len(sources) != data.synthesize_num or not all(source.startswith(expected) for source in sources):
+        found = sources[0].rsplit("index=", 1)[0] if sources else "nothing"
+        raise ConfigError(
+            f"data.path: {dataset.root} holds {len(sources)} synthetic records ({found}...), not the "
+            f"{data.synthesize_num} the config asks for ({expected}...); remove the folder to have it synthesized "
+            f"again, point data.path elsewhere, or set data.synthesize_distribution=null to train on it as it is")
 
 
 def _lr_lambda(warmup_steps: int):

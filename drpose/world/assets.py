@@ -107,11 +107,14 @@ def sample_latents(world: World, distributions: list[str], num_each: int, seed: 
 
 
 def encode_pose_pool(codec: LatentCodec, rig: CameraRig, resolution: int, distributions: list[str], num_each: int,
-                     seed: int, chunk: int = 64) -> LatentBatch:
-    """Poses of each distribution drawn in one seeded call (seed + its index), rendered and encoded in chunks."""
+                     seed: int, chunk: int = 64, breaking_share: float | None = None) -> LatentBatch:
+    """Poses of each distribution drawn in one seeded call (seed + its index), rendered and encoded in chunks.
+
+    ``breaking_share`` goes to :func:`~drpose.poses.sample_poses` (None: the default share of ``broad``)."""
     batches = []
     for d_index, distribution in enumerate(distributions):
-        joints = joints_from_params(sample_poses(distribution, num_each, seed + d_index))
+        params = sample_poses(distribution, num_each, seed + d_index, breaking_share=breaking_share)
+        joints = joints_from_params(params)
         for start in range(0, num_each, chunk):
             batches.append(encode_views(codec, render_views(joints[start : start + chunk], rig, resolution)))
     return concat_latent_batches(batches)

@@ -41,13 +41,17 @@ from drpose.poses import sample_poses
 
 SEEDS = {"codec_and_g_skel_pool": 100, "base_pool": 200, "quality_eval": 900, "training": 0}
 EVAL_SAMPLING_STEPS = 20
+POOL_BREAKING_SHARE = 0.0
+"""``broad`` poses of the codec and g_skel pools stay upright (the pools the shipped weights were built from;
+inverted bodies are in the pools' ``hard`` third)."""
 
 
 def render_image_pool(rig, resolution: int, distributions, num_each: int, seed: int) -> torch.Tensor:
     """All images (N * D * V, 3, R, R) uint8 of fresh poses, for codec training."""
     images = []
     for d_index, distribution in enumerate(distributions):
-        joints = joints_from_params(sample_poses(distribution, num_each, seed + d_index))
+        params = sample_poses(distribution, num_each, seed + d_index, breaking_share=POOL_BREAKING_SHARE)
+        joints = joints_from_params(params)
         for start in range(0, num_each, 64):
             views = render_views(joints[start : start + 64], rig, resolution)
             images.append((views.images.reshape(-1, 3, resolution, resolution) * 255).round().to(torch.uint8))
@@ -124,7 +128,7 @@ def build(out: Path, quick: bool = False, codec_steps=None, g_skel_steps=None, b
     else:
         stage("train g_skel")
         g_skel_pool = encode_pose_pool(codec, rig, settings.resolution, ["narrow", "broad", "hard"], pool_size,
-                                       SEEDS["codec_and_g_skel_pool"])
+                                       SEEDS["codec_and_g_skel_pool"], breaking_share=POOL_BREAKING_SHARE)
         g_skel, g_skel_losses = train_g_skel(g_skel_pool, rig, g_skel_cfg)
         done("train g_skel")
         training_log["g_skel"] = asdict(g_skel_cfg) | {"pool_views": int(len(g_skel_pool) * rig.num_views),
