@@ -244,7 +244,11 @@ def _set_mirrored(angles, mask, joint: str, axis: str, left_values: torch.Tensor
     )
 
 
-def _narrow(generator: torch.Generator, num: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# Samplers: (generator, num, breaking_share) -> (global rotations (N, 3, 3), joint angles (N, 21, 3) in degrees,
+# family index (N,) into FAMILIES[distribution]). Only ``broad`` has breaking moves; the others ignore the share.
+
+
+def _narrow(generator: torch.Generator, num: int, breaking_share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     low, high = _limit_bounds()
     angles = torch.zeros(num, 21, 3, dtype=torch.float64)
     everyone = torch.ones(num, dtype=torch.bool)
@@ -278,7 +282,7 @@ def _broad(generator: torch.Generator, num: int, breaking_share: float) -> tuple
 _HARD_FAMILIES = ("inversion", "split", "bend", "tumble")
 
 
-def _hard(generator: torch.Generator, num: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _hard(generator: torch.Generator, num: int, breaking_share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     low, high = _limit_bounds()
     angles = _uniform(generator, (num, 21, 3), low, high)
     family = torch.randint(0, len(_HARD_FAMILIES), (num,), generator=generator)
@@ -365,9 +369,7 @@ def _sample(distribution: str, num: int, seed: int, breaking_share: float | None
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         raise ValueError(f"breaking_share: expected a number in [0, 1], got {breaking_share!r}")
     generator = torch.Generator().manual_seed(int(seed))
-    if distribution == "broad":
-        return _broad(generator, num, float(share))
-    return _SAMPLERS[distribution](generator, num)
+    return _SAMPLERS[distribution](generator, num, float(share))
 
 
 def position_spread(joints: torch.Tensor) -> float:

@@ -138,7 +138,8 @@ def _upright_share(params) -> float:
 
 def test_broad_holds_a_share_of_breaking_moves_in_any_orientation(samples):
     # Upright dancers tilt 25 degrees at most; breaking moves (a BREAKING_SHARE of them) turn any way, so
-    # about half of those lean more than 60 degrees (a uniform rotation's up axis is uniform on the sphere).
+    # three quarters of those lean more than 60 degrees (a uniform rotation's up axis is uniform on the
+    # sphere, and the cap within 60 degrees of the vertical is a quarter of it).
     assert 0.0 < BREAKING_SHARE < 0.5
     upright = sample_poses("broad", 1500, seed=7, breaking_share=0.0)
     assert _upright_share(upright) > 0.98

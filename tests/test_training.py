@@ -45,7 +45,8 @@ def dataset(tmp_path_factory) -> Path:
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--config", str(ROOT / "configs" / "tiny.yaml"),
-        f"data.path={data}", "data.synthesize_distribution=null", f"run.output_dir={out}", f"run.max_steps={STEPS}", "run.checkpoint_every=2",
+        f"data.path={data}", "data.synthesize_distribution=null", f"run.output_dir={out}",
+        f"run.max_steps={STEPS}", "run.checkpoint_every=2",
         "sampling.num_steps=4", "sampling.early_stop_max=2", "preserve.num=16",
         f"run.deepspeed_config={ROOT / 'configs' / 'ds_zero2.json'}",
         *extra,
