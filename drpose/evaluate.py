@@ -1,13 +1,20 @@
 """Evaluate a multi-view model's poses with an estimator independent of the reward model.
 
     python -m drpose.evaluate --checkpoint {base | RUN_DIR | LORA_DIR} --data {DIR | builtin:hard | builtin:narrow}
-                              --out DIR [--num N] [--steps T] [--world PATH] [--seed S]
+                              --out DIR [--num N] [--steps T] [--seed S]
+                              [--pipeline DIR --g-skel DIR --prompt-embeds DIR] [--estimator auto|colours|none]
 
-``--checkpoint``: ``base`` (the world's base model), a training run folder (its ``lora/``), or a folder
-with ``pytorch_lora_weights.safetensors``. ``--data``: a DrPose15K-format folder (front image + pose per
-record), or a built-in held-out set: ``builtin:hard`` (the embedded world's MixamoRP analogue: acrobatic
-poses from a fixed seed that no training set uses) or ``builtin:narrow``. Writes ``metrics.json``,
-``metrics.md``, ``views.png`` (generated views with estimated vs true keypoints) and ``metrics.png``.
+The model: a training run folder evaluates what that run trained (the bundle its ``config.yaml`` names,
+with its ``lora/``); ``base`` or a LoRA folder evaluates the bundle given by ``--pipeline``/``--g-skel``
+(default: the tiny world's), without or with those adapters. ``--data``: a DrPose15K-format folder (front
+image + pose per record), or a built-in held-out set rendered at the bundle's image size:
+``builtin:hard`` (the MixamoRP analogue: acrobatic poses from a fixed seed that no training set uses) or
+``builtin:narrow``. ``--estimator``: ``colours`` reads keypoints from the decoded images by the tiny
+world's part colours (the independent evaluator); ``none`` measures what real data allows: PoseScore,
+and g_skel's reading of the joints against the data's poses (the reward model's own view); ``auto``
+(default) takes ``colours`` for built-in sets and synthetic folders, else ``none``. Writes
+``metrics.json``, ``metrics.md``, ``views.png`` (generated views with estimated vs true keypoints) and
+``metrics.png``.
 """
 
 from __future__ import annotations
@@ -21,55 +28,72 @@ import torch
 from drpose.data.dataset import DrPoseDataset
 from drpose.evaluation.figures import keypoint_grid, metric_bars
 from drpose.evaluation.metrics_run import EvaluationOutputs, run_model, summarize
-from drpose.models.multiview_unet import MultiViewUNet
+from drpose.models.bundle import ModelBundle
+from drpose.training.config import load_config
 from drpose.training.lora import LORA_WEIGHTS, load_lora
-from drpose.world.assets import World, load_world
-from drpose.world.views import sample_views
 
 HELD_OUT_SEEDS = {"hard": 4242, "narrow": 4343}
 """Seeds of the built-in evaluation sets; training data and the world's build use other seeds."""
 
 
-def held_out_set(world: World, distribution: str, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out_set(bundle: ModelBundle, distribution: str, num: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Front images (B, 3, R, R) (8-bit quantised, as a dataset on disk would hold them) and joints."""
+    from drpose.body import joints_from_params
+    from drpose.poses import sample_poses
+    from drpose.render import render_bodies
+
     if distribution not in HELD_OUT_SEEDS:
         raise ValueError(f"--data builtin:{distribution}: built-in sets are {sorted(HELD_OUT_SEEDS)}")
-    views = sample_views(distribution, num, HELD_OUT_SEEDS[distribution], world.rig, world.settings.resolution)
-    return (views.condition * 255).round() / 255, views.joints
+    joints = joints_from_params(sample_poses(distribution, num, HELD_OUT_SEEDS[distribution]))
+    front = render_bodies(joints, bundle.rig.cameras, bundle.image_size, framing=bundle.rig.frame(joints)).rgb[:, 0]
+    return (front * 255).round() / 255, joints
 
 
-def dataset_set(path: Path, num: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_set(path: Path, num: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Images, joints, and whether every record is synthetic (so the colour estimator applies)."""
     dataset = DrPoseDataset(path)
     count = len(dataset) if num is None else min(num, len(dataset))
     items = [dataset[i] for i in range(count)]
-    return torch.stack([i["image"] for i in items]), torch.stack([i["joints"] for i in items])
+    synthetic = all((r.source or "").startswith("synthetic:") for r in dataset.records[:count])
+    return torch.stack([i["image"] for i in items]), torch.stack([i["joints"] for i in items]), synthetic
 
 
-def load_evaluation_set(world: World, data: str, num: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_evaluation_set(bundle: ModelBundle, data: str, num: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     if data.startswith("builtin:"):
-        return held_out_set(world, data.split(":", 1)[1], num or 48)
+        return (*held_out_set(bundle, data.split(":", 1)[1], num or 48), True)
     path = Path(data)
     if not path.is_dir():
         raise FileNotFoundError(f"--data {data}: not a folder (or use builtin:hard / builtin:narrow)")
-    return dataset_set(path, num)
+    images, joints, synthetic = dataset_set(path, num)
+    if images.shape[-1] != bundle.image_size or images.shape[-2] != bundle.image_size:
+        raise ValueError(f"--data {data}: {images.shape[-1]}x{images.shape[-2]} images; the model takes "
+                         f"{bundle.image_size}x{bundle.image_size}")
+    return images, joints, synthetic
 
 
-def load_model(world: World, checkpoint: str) -> MultiViewUNet:
-    """The world's base UNet, with adapters from ``checkpoint`` unless it is ``base``."""
-    unet = MultiViewUNet.from_pretrained(world.folder / "base_model", torch_dtype=torch.float32).eval()
+def run_bundle(run_dir: Path) -> ModelBundle:
+    """The bundle a training run trained (from its resolved config)."""
+    model = load_config(run_dir / "config.yaml").model
+    return ModelBundle.load(model.pipeline, model.g_skel, model.prompt_embeds, model.unet)
+
+
+def load_model(bundle: ModelBundle, checkpoint: str):
+    """The bundle's UNet, with the adapters of ``checkpoint`` (a run folder or a LoRA folder) loaded into it
+    unless it is ``base``; :func:`~drpose.training.lora.adapters_disabled` gives the base model back."""
+    unet = bundle.pipeline.unet
     if checkpoint == "base":
         return unet
     folder = Path(checkpoint)
     if (folder / "lora" / LORA_WEIGHTS).exists():
         folder = folder / "lora"
     load_lora(unet, folder)
-    return unet.eval()
+    return unet.eval().requires_grad_(False)
 
 
-def write_figures(outputs: EvaluationOutputs, world: World, out: Path, label: str, count: int = 4) -> list[Path]:
+def write_figures(outputs: EvaluationOutputs, bundle: ModelBundle, out: Path, label: str, count: int = 4) -> list[Path]:
     rows = [{"label": f"{label} #{i}", "images": outputs.generated_rgb[i], "estimate": outputs.points2d[i],
              "truth": outputs.truth2d[i]} for i in range(min(count, outputs.generated_rgb.shape[0]))]
-    return [keypoint_grid(rows, world.rig.view_names, out / "views.png", title=label)]
+    return [keypoint_grid(rows, bundle.rig.view_names, out / "views.png", title=label)]
 
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
@@ -90,21 +114,30 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--num", type=int, default=None, help="samples to evaluate (default: 48 built-in, all on disk)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--world", type=Path, default=None, help="tiny-world folder (default: the built-in one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pipeline", type=Path, default=None, help="pipeline folder (default: the tiny world's)")
+    parser.add_argument("--g-skel", type=Path, default=None, help="g_skel folder (default: the tiny world's)")
+    parser.add_argument("--prompt-embeds", type=Path, default=None, help="PSHuman's prompt-embedding folder")
+    parser.add_argument("--estimator", choices=("auto", "colours", "none"), default="auto")
     args = parser.parse_args(argv)
 
-    world = load_world(args.world)
-    images, joints = load_evaluation_set(world, args.data, args.num)
-    unet = load_model(world, args.checkpoint)
-    outputs = run_model(world, unet, images, joints, args.steps, args.seed)
-    metrics = summarize(outputs, world.settings.resolution, world.rig.view_names)
+    checkpoint = Path(args.checkpoint)
+    if args.checkpoint != "base" and (checkpoint / "config.yaml").is_file():
+        bundle = run_bundle(checkpoint)
+    else:
+        bundle = ModelBundle.load(args.pipeline, args.g_skel, args.prompt_embeds)
+    images, joints, synthetic = load_evaluation_set(bundle, args.data, args.num)
+    estimator = synthetic if args.estimator == "auto" else args.estimator == "colours"
+    unet = load_model(bundle, args.checkpoint)
+    outputs = run_model(bundle, unet, images, joints, args.steps, args.seed, estimator=estimator)
+    metrics = summarize(outputs, bundle.image_size, bundle.rig.view_names)
+    metrics["keypoints_from"] = "decoded images (part colours)" if estimator else "g_skel (the reward model)"
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.data.split(":", 1)[1] if args.data.startswith("builtin:") else Path(args.data).name
     results = {name: {args.checkpoint: metrics}}
     (args.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "metrics.md").write_text(markdown_table(results))
-    write_figures(outputs, world, args.out, f"{args.checkpoint} on {name}")
+    (args.out / "metrics.md").write_text(markdown_table(results) + f"\nKeypoints read from: {metrics['keypoints_from']}\n")
+    write_figures(outputs, bundle, args.out, f"{args.checkpoint} on {name}")
     metric_bars(results, args.out / "metrics.png")
     print(markdown_table(results))
     print(f"[evaluate] wrote {args.out}/metrics.json, metrics.md, views.png, metrics.png")

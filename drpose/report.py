@@ -11,6 +11,7 @@ and figures: ``reward_curve.png`` (from the run's metrics.jsonl), ``metrics.png`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -18,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from drpose.evaluate import HELD_OUT_SEEDS, load_model, markdown_table
+from drpose.body import joints_from_params
+from drpose.evaluate import HELD_OUT_SEEDS, load_model, markdown_table, run_bundle
 from drpose.evaluation.figures import keypoint_grid, metric_bars, reward_curve
 from drpose.evaluation.metrics_run import EvaluationOutputs, run_model, summarize
-from drpose.poses import pose_families
-from drpose.training.config import load_config
+from drpose.poses import pose_families, sample_poses
+from drpose.render import render_bodies
+from drpose.training.lora import adapters_disabled
 from drpose.training.metrics_log import read_metrics
-from drpose.world.assets import load_world
-from drpose.world.views import RGB, sample_views
 
 SETS = ("hard", "narrow")
 MODELS = ("base", "finetuned")
@@ -59,25 +60,26 @@ def family_breakdown(runs: dict[str, EvaluationOutputs], families: list[str], im
 
 
 def build_report(run_dir: Path, out: Path, num: int, steps: int, seed: int) -> dict:
-    config = load_config(run_dir / "config.yaml")
-    world = load_world(config.model.world)
-    models = {"base": load_model(world, "base"), "finetuned": load_model(world, str(run_dir))}
+    bundle = run_bundle(run_dir)
+    rig, size = bundle.rig, bundle.image_size
+    unet = load_model(bundle, str(run_dir))
     out.mkdir(parents=True, exist_ok=True)
     results, figures, by_family = {}, {}, {}
     for set_name in SETS:
-        views = sample_views(set_name, num, HELD_OUT_SEEDS[set_name], world.rig, world.settings.resolution)
-        images = (views.condition * 255).round() / 255
+        joints = joints_from_params(sample_poses(set_name, num, HELD_OUT_SEEDS[set_name]))
+        truth = render_bodies(joints, rig.cameras, size, framing=rig.frame(joints)).rgb  # (B, 6, 3, R, R)
+        images = (truth[:, 0] * 255).round() / 255
         runs = {}
-        for model, unet in models.items():
+        for model in MODELS:
             print(f"[report] {model} on held-out {set_name} ({num} samples, {steps} DDIM steps)", flush=True)
-            runs[model] = run_model(world, unet, images, views.joints, steps, seed)
-        results[set_name] = {model: summarize(o, world.settings.resolution, world.rig.view_names) for model, o in runs.items()}
+            with adapters_disabled(unet) if model == "base" else contextlib.nullcontext():
+                runs[model] = run_model(bundle, unet, images, joints, steps, seed)
+        results[set_name] = {model: summarize(o, size, rig.view_names) for model, o in runs.items()}
         families = pose_families(set_name, num, HELD_OUT_SEEDS[set_name])
         if len(set(families)) > 1:
-            by_family[set_name] = family_breakdown(runs, families, world.settings.resolution, world.rig.view_names)
-        truth2d = runs["base"].truth2d
-        rows = comparison_rows(views.images[:, RGB], truth2d, runs, min(FIGURE_SAMPLES, num))
-        figures[f"{set_name}_views"] = keypoint_grid(rows, world.rig.view_names, out / f"{set_name}_views.png",
+            by_family[set_name] = family_breakdown(runs, families, size, rig.view_names)
+        rows = comparison_rows(truth, runs["base"].truth2d, runs, min(FIGURE_SAMPLES, num))
+        figures[f"{set_name}_views"] = keypoint_grid(rows, rig.view_names, out / f"{set_name}_views.png",
                                                      title=f"held-out {set_name} poses")
     figures["metrics"] = metric_bars(results, out / "metrics.png")
     training = read_metrics(run_dir)

@@ -103,3 +103,19 @@ def write_pipeline_folder(folder: Path, pipeline: MultiViewPipeline | None = Non
                 path.unlink()
             (folder / sub).rmdir()
     return folder
+
+
+def write_bundle(folder: Path, latent_size: int = 24, seed: int = 0) -> tuple[Path, Path]:
+    """A small PSHuman-format pipeline folder (VAE factor 2: images of 2 x latent_size pixels) and a g_skel
+    folder for it (random weights, PSHuman's rig): a bundle unlike the tiny world's (18x18, 72 px)."""
+    from drpose.models.g_skel import GSkel, GSkelConfig
+    from drpose.models.rig import ViewRig
+
+    pipeline = tiny_pipeline(latent_size=latent_size, seed=seed)
+    write_pipeline_folder(folder / "pipeline", pipeline, text_encoder=False)
+    torch.manual_seed(seed)
+    g_skel = GSkel(GSkelConfig(in_channels=8, out_channels=43, widths=(16, 32), sigma=1.0, latent_size=latent_size,
+                               rig=ViewRig().to_dict()))
+    torch.nn.init.normal_(g_skel.head.weight, std=0.1)  # a zero head (the training init) would pass no gradient
+    g_skel.save_pretrained(folder / "g_skel")
+    return folder / "pipeline", folder / "g_skel"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from drpose.models.layout import VIEW_NAMES, body_views, expand_per_group, grid_to_rows, rows_to_grid
-from drpose.models.pipeline import MultiViewPipeline, face_crop, prompt_text
+from drpose.models.pipeline import Conditioning, MultiViewPipeline, face_crop, prompt_text
 from pshuman_fixtures import CROSS_DIM, EMBED_DIM, write_pipeline_folder
 
 
@@ -105,7 +105,8 @@ def test_condition_latents_and_the_face_crop(pipeline):
 def test_unet_inputs_follow_the_batch_layout(pipeline):
     cond = pipeline.condition(images(count=2))
     noisy = torch.randn(2 * 4 * 7, 4, 12, 12)
-    inputs = pipeline.unet_inputs(noisy, cond, guidance=True)
+    doubled = Conditioning.cat([cond, cond])
+    inputs = pipeline.unet_inputs(noisy, doubled, keep=torch.tensor([0, 0, 1, 1]))
     sample = rows_to_grid(inputs["sample"], 7)  # (2, G=4, 7, 8, 12, 12): [uncond 0, uncond 1, cond 0, cond 1]
     prompts, labels = rows_to_grid(inputs["encoder_hidden_states"], 7), rows_to_grid(inputs["class_labels"], 7)
     assert torch.equal(grid_to_rows(sample[:, :, :, :4]), noisy)
@@ -117,8 +118,8 @@ def test_unet_inputs_follow_the_batch_layout(pipeline):
                 assert torch.equal(sample[d, g, v, 4:], expected)
                 assert torch.equal(prompts[d, g, v], pipeline.prompt_embeds[d, v])
                 assert torch.equal(labels[d, g, v], cond.class_labels[obj] if conditional else labels[d, g, v] * 0)
-    with pytest.raises(ValueError, match="hold 4 groups; the conditioning gives 2"):
-        pipeline.unet_inputs(noisy, cond, guidance=False)
+    with pytest.raises(ValueError, match="hold 4 groups; the conditioning has 2"):
+        pipeline.unet_inputs(noisy, cond)
 
 
 def test_layout_helpers():

@@ -5,93 +5,104 @@ from __future__ import annotations
 import pytest
 import torch
 
+from drpose.data.synthesize import synthesize
+from drpose.models.bundle import ModelBundle
 from drpose.models.diffusion import add_noise, training_target
-from drpose.training.config import ConfigError, LoraSettings, PreserveConfig, load_config
+from drpose.models.layout import COLOR, rows_to_grid
+from drpose.training.config import ConfigError, LoraSettings, load_config
 from drpose.training.lora import add_lora, adapters_disabled
 from drpose.training.preserve import PreservationSet
-from drpose.world.assets import load_world
-from drpose.world.views import FRONT_VIEW, RGB, flatten_views
+
+
+def fresh_bundle() -> ModelBundle:
+    return ModelBundle.load()
 
 
 @pytest.fixture(scope="module")
-def world():
-    return load_world()
+def bundle():
+    return fresh_bundle()
 
 
 @pytest.fixture(scope="module")
-def pool(world) -> PreservationSet:
-    unet = world.unet
-    latent_shape = (unet.latent_channels, world.settings.latent_size, world.settings.latent_size)
-    return PreservationSet.render(world, PreserveConfig(weight=1.0, num=8, seed=500), unet.config.images_per_sample,
-                                  latent_shape, torch.device("cpu"), torch.float32)
+def pool(bundle, tmp_path_factory) -> PreservationSet:
+    folder = tmp_path_factory.mktemp("preserve") / "narrow"
+    synthesize(folder, 8, "narrow", 500, bundle.image_size, progress=False)
+    return PreservationSet.from_folder(folder, bundle.pipeline, bundle.rig, 500, torch.device("cpu"), torch.float32)
 
 
-def test_pool_holds_every_view_and_domain_of_fresh_poses(world, pool):
+def test_pool_holds_every_view_and_domain_of_fresh_poses(bundle, pool):
     assert len(pool) == 8
-    domains, views = pool.latents.shape[1:3]
-    assert domains * views == world.unet.config.images_per_sample
-    # distinct poses: no two samples share their front latent
-    fronts = pool.latents[:, RGB, FRONT_VIEW].flatten(1)
+    assert pool.latents.shape[1:] == (2, bundle.num_views, *bundle.latent_shape)
+    fronts = pool.latents[:, COLOR, 0].flatten(1)  # distinct poses: no two samples share their front latent
     assert torch.cdist(fronts, fronts).add(torch.eye(8) * 1e9).min() > 1e-3
+    # the face view is the head crop of the front view, in both domains
+    assert not torch.equal(pool.latents[:, :, 6], pool.latents[:, :, 0])
 
 
 def test_draws_depend_only_on_seed_step_and_position(pool):
     """One process drawing positions [4, 5] sees what two processes drawing [4] and [5] see."""
+    views = pool.latents.shape[2]
     together = pool.draw(seed=0, step=3, positions=[4, 5])
     first, second = pool.draw(0, 3, [4]), pool.draw(0, 3, [5])
-    for both, a, b in zip(together, first, second):
-        assert torch.equal(both, torch.cat([a, b]))
+    for index in range(3):
+        both = rows_to_grid(together[index], views)
+        assert torch.equal(both, torch.cat([rows_to_grid(first[index], views), rows_to_grid(second[index], views)], 1))
+    assert torch.equal(together[3].latents, torch.cat([first[3].latents, second[3].latents]))
     again = pool.draw(0, 3, [4, 5])
-    assert all(torch.equal(a, b) for a, b in zip(together, again))
-    other_step = pool.draw(0, 4, [4, 5])
-    assert not torch.equal(other_step[1], together[1]), "each step draws fresh noise"
+    assert all(torch.equal(a, b) for a, b in zip(together[:3], again[:3]))
+    assert not torch.equal(pool.draw(0, 4, [4, 5])[1], together[1]), "each step draws fresh noise"
 
 
-def test_draw_pairs_a_sample_with_its_own_front_view_condition(pool):
+def test_draw_pairs_a_sample_with_its_own_conditioning(pool):
     x0, noise, timesteps, cond = pool.draw(0, 0, [0, 1, 2])
-    images = pool.latents.shape[1] * pool.latents.shape[2]
-    samples = x0.reshape(3, images, *x0.shape[1:])
-    for sample, condition in zip(samples, cond):
-        match = [i for i in range(len(pool)) if torch.equal(flatten_views(pool.latents[i:i + 1]), sample)]
+    views = pool.latents.shape[2]
+    grid = rows_to_grid(x0, views)  # (2, 3, V, ...)
+    for b in range(3):
+        match = [i for i in range(len(pool)) if torch.equal(pool.latents[i], grid[:, b])]
         assert len(match) == 1
-        assert torch.equal(condition, pool.latents[match[0], RGB, FRONT_VIEW])
-    assert noise.shape == x0.shape and timesteps.shape == (3 * images,)
-    assert all((timesteps[i * images:(i + 1) * images] == timesteps[i * images]).all() for i in range(3))
+        assert torch.equal(cond.latents[b], pool.cond.latents[match[0]])
+    assert noise.shape == x0.shape
+    per_object = rows_to_grid(timesteps, views)
+    assert all((per_object[:, b] == per_object[0, b, 0]).all() for b in range(3))
 
 
-def test_loss_is_the_pretraining_objective_and_reaches_the_adapters(world, pool):
-    unet = world.unet
+def test_loss_is_the_pretraining_objective_and_reaches_the_adapters(bundle, pool):
+    pipeline = bundle.pipeline
     x0, noise, timesteps, cond = pool.draw(0, 7, [0, 1])
     with torch.no_grad():
-        expected = (unet(add_noise(world.scheduler, x0, noise, timesteps), timesteps, cond)
-                    - training_target(world.scheduler, x0, noise, timesteps)).pow(2).mean()
-        got = pool.loss(unet, world.scheduler, 0, 7, [0, 1], checkpointing=False)
-    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+        noisy = add_noise(pipeline.scheduler, x0, noise, timesteps)
+        expected = (pipeline.predict(noisy, timesteps, cond) - training_target(pipeline.scheduler, x0, noise, timesteps))
+        got = pool.loss(pipeline.predict, pipeline.scheduler, 0, 7, [0, 1], checkpointing=False)
+    assert got.item() == pytest.approx(expected.pow(2).mean().item(), rel=1e-5)
 
-    unet = load_world().unet  # a fresh copy: adapters stay off the shared world's model
-    params = add_lora(unet, LoraSettings(rank=4, alpha=4.0, target_modules=["to_q", "to_v", "conv1"]))
-    loss = pool.loss(unet, world.scheduler, 0, 7, [0, 1], checkpointing=True)
+    fresh = fresh_bundle().pipeline  # adapters stay off the shared bundle's model
+    params = add_lora(fresh.unet, LoraSettings(rank=4, alpha=4.0, target_modules=["to_q", "to_v", "conv1"]))
+    loss = pool.loss(fresh.predict, fresh.scheduler, 0, 7, [0, 1], checkpointing=True)
     loss.backward()
     assert sum(p.grad.abs().sum().item() for p in params if p.grad is not None) > 0
 
 
-def test_base_model_is_near_its_optimum_on_the_pool_and_a_drifted_one_is_not(world, pool):
+def test_base_model_is_near_its_optimum_on_the_pool_and_a_drifted_one_is_not(bundle, pool):
     """The base model was pretrained on narrow poses: perturbing its weights raises the loss."""
     positions = list(range(8))
+    pipeline = bundle.pipeline
+    drifted = fresh_bundle().pipeline
     with torch.no_grad():
-        base = torch.stack([pool.loss(world.unet, world.scheduler, 0, s, positions, False) for s in range(4)]).mean()
-        drifted = load_world().unet
+        base = torch.stack([pool.loss(pipeline.predict, pipeline.scheduler, 0, s, positions, False)
+                            for s in range(4)]).mean()
         generator = torch.Generator().manual_seed(0)
-        for param in drifted.parameters():
+        for param in drifted.unet.parameters():
             param.add_(0.3 * param.std().nan_to_num(0) * torch.randn(param.shape, generator=generator))
-        worse = torch.stack([pool.loss(drifted, world.scheduler, 0, s, positions, False) for s in range(4)]).mean()
+        worse = torch.stack([pool.loss(drifted.predict, drifted.scheduler, 0, s, positions, False)
+                             for s in range(4)]).mean()
     assert worse > 1.5 * base, (worse, base)
 
 
-def test_pool_of_the_wrong_shape_is_refused_by_name(world):
-    with pytest.raises(ConfigError, match="preserve.weight"):
-        PreservationSet.render(world, PreserveConfig(weight=1.0, num=2), 4, (4, 16, 16), torch.device("cpu"),
-                               torch.float32)
+def test_a_pool_rendered_for_another_model_is_refused_by_name(bundle, tmp_path):
+    folder = tmp_path / "small"
+    synthesize(folder, 2, "narrow", 1, resolution=48, progress=False)
+    with pytest.raises(ConfigError, match="preserve.path: .* 48px renders; the model takes 72px"):
+        PreservationSet.from_folder(folder, bundle.pipeline, bundle.rig, 0, torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -106,25 +117,27 @@ def test_bad_preservation_settings_are_refused_by_name(override, message):
 
 
 def test_base_target_is_zero_until_the_adapters_move_and_then_pulls_them_back(pool):
-    world = load_world()
-    unet = world.unet
+    pipeline = fresh_bundle().pipeline
+    unet = pipeline.unet
     params = add_lora(unet, LoraSettings(rank=4, alpha=4.0, target_modules=["to_q", "to_v", "conv1"]))
 
-    def frozen(x, t, cond, mask):
+    def frozen(x, t, cond, keep):
         with adapters_disabled(unet):
-            return unet(x, t, cond, mask)
+            return pipeline.predict(x, t, cond, keep)
 
-    loss = pool.loss(unet, world.scheduler, 0, 2, [0, 1], checkpointing=True, frozen_model=frozen)
-    assert loss.item() == 0.0, "fresh adapters are the identity"
+    def loss(checkpointing=True):
+        return pool.loss(pipeline.predict, pipeline.scheduler, 0, 2, [0, 1], checkpointing, frozen_model=frozen)
+
+    assert loss().item() == 0.0, "fresh adapters are the identity"
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in params:
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    moved = pool.loss(unet, world.scheduler, 0, 2, [0, 1], checkpointing=True, frozen_model=frozen)
+    moved = loss()
     assert moved.item() > 0
     moved.backward()
     with torch.no_grad():  # one small step against the gradient brings the adapters back towards the base
         for param in params:
             param.sub_(1e-2 * param.grad / max(p.grad.abs().max().item() for p in params))
-        closer = pool.loss(unet, world.scheduler, 0, 2, [0, 1], checkpointing=False, frozen_model=frozen)
+        closer = loss(False)
     assert closer.item() < moved.item()

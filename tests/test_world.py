@@ -1,4 +1,4 @@
-"""The tiny world: the shipped weights and the command that builds them."""
+"""The tiny world: the shipped miniature PSHuman and the command that builds it."""
 
 import json
 import subprocess
@@ -7,32 +7,40 @@ import sys
 import pytest
 import torch
 
+from drpose.models.layout import COLOR
+from drpose.models.pipeline import MultiViewPipeline
+from drpose.models.sampling import DDIMSampler, generate_views
 from drpose.world.assets import DEFAULT_WORLD, load_world
-from drpose.world.quality import generate_views
-from drpose.models.sampling import DDIMSampler
+from drpose.world.views import sample_views
 
 
-def test_shipped_world_loads_and_generates_all_views():
+def test_shipped_world_is_a_pshuman_format_bundle_that_generates_all_views():
     world = load_world()
     manifest = world.manifest
     assert not manifest["quick"], "the shipped world must be a full build"
-    assert manifest["quality"]["g_skel_on_renders"]["narrow"]["pck@0.1"] >= 0.9
-    assert sum(manifest["bytes"].values()) < 12 * 2**20, "small enough to ship"
-    cond = torch.zeros(1, world.settings.latent_channels, world.settings.latent_size, world.settings.latent_size)
-    latents = generate_views(world.unet, DDIMSampler(world.scheduler, 2), cond, seed=0)
-    assert latents.shape == (1, 2, 6, 4, 16, 16) and torch.isfinite(latents).all()
+    assert manifest["quality"]["g_skel_on_true_latents"]["narrow"]["pck@0.1"] >= 0.9
+    assert sum(manifest["bytes"].values()) < 30 * 2**20, "small enough to ship"
+    config = json.loads((DEFAULT_WORLD / "pipeline" / "unet" / "config.json").read_text())
+    assert config["_class_name"] == "UNetMV2DConditionModel" and config["num_views"] == 7
+    pipeline = MultiViewPipeline.from_pretrained(DEFAULT_WORLD / "pipeline")  # the loader a PSHuman folder goes through
+    views = sample_views("narrow", 1, 0, world.rig, pipeline.image_size)
+    cond = pipeline.condition(views.condition, generator=torch.Generator().manual_seed(0))
+    latents = generate_views(pipeline, DDIMSampler(pipeline.scheduler, 2, pipeline.num_views), cond, seed=0)
+    assert latents.shape == (1, 2, 7, 4, 18, 18) and torch.isfinite(latents).all()
+    assert views.images.shape == (1, 2, 7, 3, 72, 72) and torch.equal(views.condition, views.images[:, COLOR, 0])
 
 
 @pytest.mark.slow
 def test_build_command_writes_a_loadable_world(tmp_path):
     out = tmp_path / "world"
-    result = subprocess.run([sys.executable, "-m", "drpose.world.build", "--out", str(out), "--quick"],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "drpose.world.build", "--out", str(out), "--work",
+                             str(tmp_path / "work"), "--quick"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     for key in ("seeds", "build_seconds", "quality", "bytes", "parameters", "training", "settings"):
         assert key in manifest, key
     assert set(manifest["quality"]["base_model_generated"]) == {"narrow", "hard"}
+    assert all({"wall_s", "cpu_s"} <= set(t) for t in manifest["build_seconds"].values())
     world = load_world(out)
     assert world.settings == load_world(DEFAULT_WORLD).settings
 

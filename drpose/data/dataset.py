@@ -338,7 +338,13 @@ class DrPoseDataset(torch.utils.data.Dataset):
             self.records.append(record)
         if not self.records:
             raise DatasetError(f"{MANIFEST} holds no records", file=MANIFEST)
+        self.image_width, self.image_height = image_size
         self.joints = self._all_joints(body_model)
+
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        """The side of the dataset's (square) images, or (width, height) when they are not square."""
+        return self.image_width if self.image_width == self.image_height else (self.image_width, self.image_height)
 
     def _all_joints(self, body_model: SMPLXBody | None) -> torch.Tensor:
         """Joints (N, J, 3) of every record in the dataset's joint set, SMPL-X poses batched."""

@@ -68,21 +68,23 @@ def select_diverse(params: SMPLXParams, num: int, seed: int) -> torch.Tensor:
     return farthest_point_sampling(joints, num, seed=seed).sort().values
 
 
-def synthesize(out: str | Path, num: int, distribution: str, seed: int, resolution: int = 64,
-               rig: CameraRig | None = None, progress: bool = True, fps_pool: int | None = None) -> Path:
+def synthesize(out: str | Path, num: int, distribution: str, seed: int, resolution: int = 72,
+               rig: CameraRig | None = None, progress: bool = True, fps_pool: int | None = None,
+               breaking_share: float | None = None) -> Path:
     """Write a synthetic dataset of ``num`` poses from ``distribution`` to the new folder ``out``.
 
     With ``fps_pool``, ``fps_pool`` poses are drawn and the ``num`` most diverse of them kept
-    (:func:`select_diverse`); the record sources name each pose's index in that pool.
+    (:func:`select_diverse`); the record sources name each pose's index in that pool. ``breaking_share``
+    goes to :func:`~drpose.poses.sample_poses` (None: the default share of breaking moves in ``broad``).
     """
     if fps_pool is not None and (isinstance(fps_pool, bool) or not isinstance(fps_pool, int) or fps_pool < num):
         raise ValueError(f"fps_pool: expected an int >= num ({num}) (the pool to select from), got {fps_pool!r}")
     rig = CameraRig() if rig is None else rig
     if fps_pool is None:
-        params = sample_poses(distribution, num, seed)
+        params = sample_poses(distribution, num, seed, breaking_share=breaking_share)
         origin = [f"synthetic:{distribution}:seed={seed}:index={index}" for index in range(num)]
     else:
-        pool = sample_poses(distribution, fps_pool, seed)
+        pool = sample_poses(distribution, fps_pool, seed, breaking_share=breaking_share)
         chosen = select_diverse(pool, num, seed)
         params = pool.select(chosen)
         origin = [f"synthetic:{distribution}:seed={seed}:pool={fps_pool}:index={index}" for index in chosen.tolist()]
@@ -105,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num", required=True, type=int, help="number of samples")
     parser.add_argument("--distribution", required=True, choices=DISTRIBUTIONS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--resolution", type=int, default=72, help="image side in pixels (the tiny world's: 72)")
     parser.add_argument("--fps-pool", type=int, default=None, metavar="M",
                         help="draw M poses and keep the --num most diverse (farthest-point sampling), as DrPose15K does")
     args = parser.parse_args(argv)

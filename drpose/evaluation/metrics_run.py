@@ -1,10 +1,13 @@
 """Evaluating a multi-view model on posed front images: generate, score, decode, read keypoints, compare.
 
-For every sample: the front image is encoded, all views are generated (DDIM, no gradients, fixed seed),
-the reward model's PoseScore is computed on the latents, the RGB views are decoded, and 2D keypoints
-are read from the decoded images by the analytic estimator (``drpose.evaluation.keypoints``, which
-does not use g_skel), then compared with the true projections (PCK, mean pixel error) and, after
-triangulation through the rig, with the true 3D joints (root-aligned MPJPE and PA-MPJPE, in mm).
+For every sample: the front image is conditioned on, all views are generated (DDIM, no gradients, fixed
+seed), the reward model's PoseScore is computed on the latents, the RGB body views are decoded and
+un-mirrored, and 2D keypoints are read from the decoded images by the analytic estimator
+(``drpose.evaluation.keypoints``, which does not use g_skel and reads the tiny world's part colours),
+then compared with the true projections (PCK, mean pixel error) and, after triangulation through the
+rig, with the true 3D joints (root-aligned MPJPE and PA-MPJPE, in mm). On real data (``estimator=False``)
+only what needs no part colours is measured: PoseScore, and g_skel's reading of the joints against the
+data's poses (the reward model's own view, labelled as such).
 
 Each view is judged on what it shows: its own reading of a joint (``raw2d``), and only where the view
 does not show the joint at all (occluded or missing) the joint triangulated from the other views.
@@ -17,14 +20,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from drpose.metrics import keypoint_errors, mpjpe, pa_mpjpe, pck, PCK_THRESHOLDS
-from drpose.models.multiview_unet import MultiViewUNet
-from drpose.models.sampling import DDIMSampler
+from drpose.metrics import PCK_THRESHOLDS, keypoint_errors, mpjpe, pa_mpjpe, pck
+from drpose.models.bundle import ModelBundle
+from drpose.models.layout import COLOR, NUM_BODY_VIEWS, grid_to_rows
+from drpose.models.sampling import DDIMSampler, generate_views
 from drpose.reward import PoseReward
 from drpose.skeleton import BODY22_NAMES
-from drpose.world.assets import World
-from drpose.world.quality import generate_views
-from drpose.world.views import RGB, flatten_views
 
 from .keypoints import estimate_keypoints
 
@@ -49,27 +50,39 @@ class EvaluationOutputs:
 
 
 @torch.no_grad()
-def run_model(world: World, unet: MultiViewUNet, images: torch.Tensor, joints: torch.Tensor, num_steps: int,
-              seed: int, chunk: int = 8, show_progress: bool = True) -> EvaluationOutputs:
-    """Generate and measure ``unet`` on front images (B, 3, R, R) of bodies with joints (B, 22, 3)."""
-    rig = world.rig
-    resolution = world.settings.resolution
-    sampler = DDIMSampler(world.scheduler, num_steps)
-    reward = PoseReward(world.g_skel, rig, unet.config.num_domains, world.settings.sigma, backend="auto")
+def run_model(bundle: ModelBundle, unet, images: torch.Tensor, joints: torch.Tensor, num_steps: int, seed: int,
+              chunk: int = 8, show_progress: bool = True, estimator: bool = True) -> EvaluationOutputs:
+    """Generate with ``unet`` (the bundle's, or one with adapters) from front images (B, 3, R, R) of bodies
+    with joints (B, 22, 3) and measure the body views."""
+    from drpose.g_skel_train import predicted_keypoints
+
+    pipeline, rig = bundle.pipeline, bundle.rig
+    size = pipeline.image_size
+    sampler = DDIMSampler(pipeline.scheduler, num_steps, pipeline.num_views)
+    reward = PoseReward.from_bundle(bundle, backend="auto")
     parts = []
     starts = range(0, images.shape[0], chunk)
     for index, start in enumerate(tqdm(starts, desc="evaluating", disable=not show_progress, mininterval=2)):
         image, joint = images[start : start + chunk], joints[start : start + chunk]
         framing = rig.frame(joint)
-        latents = generate_views(unet, sampler, world.codec.encode(image), seed=seed + index)
-        score = reward(flatten_views(latents), joint, framing)
-        rgb = world.codec.decode(flatten_views(latents[:, RGB : RGB + 1])).reshape(joint.shape[0], rig.num_views, 3,
-                                                                                   resolution, resolution)
-        estimate = estimate_keypoints(rgb, rig, framing)
-        per_view = torch.where(torch.isfinite(estimate.raw2d), estimate.raw2d, estimate.reprojected2d)
-        truth2d, depth = rig.project(joint, resolution, framing)
-        parts.append(EvaluationOutputs(rgb, per_view, truth2d, rig.visible_in_frame(truth2d, depth, resolution),
-                                       estimate.joints3d, joint, score))
+        generator = torch.Generator().manual_seed(seed + index)
+        cond = pipeline.condition(image.to(next(unet.parameters()).dtype), generator=generator)
+        latents = generate_views(pipeline, sampler, cond, seed=seed + index, unet=unet)  # (b, 2, V, c, h, w)
+        score = reward(grid_to_rows(latents.transpose(0, 1)), joint, framing)
+        body = latents[:, COLOR, :NUM_BODY_VIEWS]
+        rgb = pipeline.decode_latents(body.flatten(0, 1)).view(*body.shape[:2], 3, size, size)
+        rgb = rig.unmirror(rgb)  # camera images: what the estimator and the figures read
+        truth2d, depth = rig.cameras.project(joint, size, framing)
+        visible = rig.cameras.visible_in_frame(truth2d, depth, size)
+        if estimator:
+            estimate = estimate_keypoints(rgb, rig.cameras, framing)
+            per_view = torch.where(torch.isfinite(estimate.raw2d), estimate.raw2d, estimate.reprojected2d)
+            joints3d = estimate.joints3d
+        else:  # g_skel's reading, un-mirrored into camera pixels; no independent 3D estimate
+            read = predicted_keypoints(bundle.g_skel, latents[:, :, :NUM_BODY_VIEWS], size)
+            per_view = rig.as_camera(read, size)
+            joints3d = rig.cameras.triangulate(per_view, visible.float(), size, framing)
+        parts.append(EvaluationOutputs(rgb, per_view, truth2d, visible, joints3d, joint, score))
     return EvaluationOutputs(*(torch.cat([getattr(p, f) for p in parts]) for f in EvaluationOutputs.__dataclass_fields__))
 
 

@@ -26,6 +26,9 @@ class GSkelConfig:
     out_channels: int = 43  # 22 joints + 21 bones
     widths: tuple[int, ...] = (48, 96, 128)
     background_bias: float = -4.0  # initial output bias: heatmaps start mostly "off"
+    sigma: float = 1.0  # heatmap Gaussian width (latent pixels) it was trained with: the reward uses the same
+    latent_size: int | None = None  # latent side it was trained at
+    rig: dict | None = None  # ViewRig.to_dict() of the views it reads (None: PSHuman's rig)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -74,6 +77,10 @@ class GSkel(nn.Module):
             if not (folder / name).exists():
                 raise FileNotFoundError(f"g_skel folder {folder} lacks {name}")
         raw = json.loads((folder / CONFIG_FILE).read_text())
+        known = set(GSkelConfig.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{folder / CONFIG_FILE}: unknown keys {unknown} (known: {sorted(known)})")
         raw["widths"] = tuple(raw["widths"])
         model = cls(GSkelConfig(**raw))
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))

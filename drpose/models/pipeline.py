@@ -86,6 +86,13 @@ class Conditioning:
     def select(self, index) -> "Conditioning":
         return Conditioning(self.latents[index], self.class_labels[index])
 
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return Conditioning(self.latents.to(*args, **kwargs), self.class_labels.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        return Conditioning(torch.cat([p.latents for p in parts]), torch.cat([p.class_labels for p in parts]))
+
 
 class MultiViewPipeline:
     """The parts of a PSHuman-style pipeline folder that sampling and training need."""
@@ -136,6 +143,11 @@ class MultiViewPipeline:
         return self.latent_size * self.vae_downsample
 
     @property
+    def embedding_dim(self) -> int:
+        """Size of the CLIP image embedding (the unCLIP noise is drawn at this size)."""
+        return int(self.image_encoder.config.projection_dim)
+
+    @property
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 
@@ -177,11 +189,14 @@ class MultiViewPipeline:
 
     @torch.no_grad()
     def class_labels(self, image_embeds: torch.Tensor, noise_level: int = 0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """unCLIP class labels: the embedding normalised, noised to ``noise_level`` by the noising schedule,
-        un-normalised, then concatenated with the sinusoidal embedding of the noise level."""
+                     generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """unCLIP class labels: the embedding normalised, noised to ``noise_level`` by the noising schedule
+        (with ``noise``, or noise drawn on the CPU from ``generator``), un-normalised, then concatenated with
+        the sinusoidal embedding of the noise level."""
         levels = torch.full((image_embeds.shape[0],), noise_level, dtype=torch.long)
-        noise = torch.randn(image_embeds.shape, generator=generator, dtype=torch.float32).to(image_embeds)
+        if noise is None:
+            noise = torch.randn(image_embeds.shape, generator=generator, dtype=torch.float32)
+        noise = noise.to(image_embeds)
         scaled = self.image_normalizer.scale(image_embeds)
         noised = self.image_noising_scheduler.add_noise(scaled, noise, levels.to(image_embeds.device))
         embeds = self.image_normalizer.unscale(noised)
@@ -189,9 +204,10 @@ class MultiViewPipeline:
         return torch.cat([embeds, sinusoid.to(embeds)], dim=1)
 
     @torch.no_grad()
-    def condition(self, images: torch.Tensor, noise_level: int = 0,
-                  generator: torch.Generator | None = None) -> Conditioning:
-        """The conditioning of (B, 3, R, R) input images in [0, 1]."""
+    def condition(self, images: torch.Tensor, noise_level: int = 0, generator: torch.Generator | None = None,
+                  noise: torch.Tensor | None = None) -> Conditioning:
+        """The conditioning of (B, 3, R, R) input images in [0, 1]; ``noise`` (B, embedding dim) or
+        ``generator`` gives the unCLIP augmentation noise."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, R, R), got shape {tuple(images.shape)}")
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
@@ -202,24 +218,24 @@ class MultiViewPipeline:
         face = self.encode_images(face_crop(images))
         per_view = [body] * NUM_BODY_VIEWS + [face] * (self.num_views - NUM_BODY_VIEWS)
         latents = torch.stack(per_view, dim=1)
-        labels = self.class_labels(self.image_embeddings(images), noise_level, generator)
+        labels = self.class_labels(self.image_embeddings(images), noise_level, generator, noise)
         return Conditioning(latents, labels)
 
-    def unet_inputs(self, noisy: torch.Tensor, cond: Conditioning, guidance: bool = False) -> dict:
-        """UNet keyword inputs for rows ``noisy`` (2 * G * V, c, S, S).
+    def unet_inputs(self, noisy: torch.Tensor, cond: Conditioning, keep: torch.Tensor | None = None) -> dict:
+        """UNet keyword inputs for rows ``noisy`` (2 * G * V, c, S, S) of the G groups of ``cond``.
 
-        Without guidance the groups are the B objects of ``cond`` (G = B); with guidance they are
-        ``[uncond objects, cond objects]`` (G = 2B), the unconditional ones with zero condition latents and
-        class labels."""
+        ``keep`` (G,) 0/1 drops a group's conditioning (zero condition latents and class labels: the
+        unconditional half of classifier-free guidance); prompt embeddings stay either way."""
         views = self.num_views
         groups = check_rows(noisy.shape[0], views, "noisy latents")
+        if len(cond) != groups:
+            raise ValueError(f"noisy latents hold {groups} groups; the conditioning has {len(cond)}")
         latents, labels = cond.latents, cond.class_labels
-        if guidance:
-            latents = torch.cat([torch.zeros_like(latents), latents])
-            labels = torch.cat([torch.zeros_like(labels), labels])
-        if latents.shape[0] != groups:
-            raise ValueError(f"noisy latents hold {groups} groups; the conditioning gives {latents.shape[0]} "
-                             f"({len(cond)} objects{', x2 for guidance' if guidance else ''})")
+        if keep is not None:
+            if keep.shape != (groups,):
+                raise ValueError(f"keep: expected shape ({groups},), got {tuple(keep.shape)}")
+            latents = latents * keep.view(-1, 1, 1, 1, 1).to(latents)
+            labels = labels * keep.view(-1, 1).to(labels)
         dtype = noisy.dtype
         cond_rows = latents.unsqueeze(0).expand(len(DOMAINS), *latents.shape).reshape(-1, *latents.shape[2:])
         prompts = self.prompt_embeds.unsqueeze(1).expand(len(DOMAINS), groups, *self.prompt_embeds.shape[1:])
@@ -230,11 +246,11 @@ class MultiViewPipeline:
             "class_labels": label_rows.reshape(-1, labels.shape[-1]).to(dtype),
         }
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance: bool = False,
-                unet=None) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                keep: torch.Tensor | None = None, unet=None) -> torch.Tensor:
         """The UNet's prediction for ``noisy`` rows at ``timesteps`` (0-dim or per row); ``unet`` replaces
         the pipeline's own (e.g. a DeepSpeed engine wrapping it)."""
-        inputs = self.unet_inputs(noisy, cond, guidance)
+        inputs = self.unet_inputs(noisy, cond, keep)
         model = self.unet if unet is None else unet
         return model(inputs["sample"], timesteps, encoder_hidden_states=inputs["encoder_hidden_states"],
                      class_labels=inputs["class_labels"], return_dict=False)[0]

@@ -27,11 +27,15 @@ from diffusers import DDIMScheduler
 from torch.utils.checkpoint import checkpoint
 
 from .diffusion import alphas_at, prediction_to_x0_eps
+from .layout import grid_to_rows, rows_to_grid
+from .pipeline import Conditioning, MultiViewPipeline
 
 POLICIES = ("drtune", "draft", "alignprop", "none")
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-"""model(noisy (B*I, c, h, w), timesteps (B*I,), cond_latents (B, c, h, w), cond_mask (B,) or None)."""
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor], torch.Tensor]
+"""model(noisy rows (2 * G * V, c, S, S), timestep (0-dim), conditioning of the G groups, keep (G,) 0/1)
+-> the prediction for the rows; ``keep`` 0 drops a group's conditioning (the unconditional half of
+classifier-free guidance). :meth:`MultiViewPipeline.predict` has this signature."""
 
 
 @dataclass(frozen=True)
@@ -104,40 +108,76 @@ class SampleResult:
 
 
 class DDIMSampler:
-    """Deterministic DDIM (eta = 0) over ``num_steps`` with classifier-free guidance."""
+    """Deterministic DDIM (eta = 0) over ``num_steps`` with classifier-free guidance, in the multi-view layout.
 
-    def __init__(self, scheduler: DDIMScheduler, num_steps: int, guidance_scale: float = 1.0,
-                 checkpointing: bool = True, offload_activations: bool = False):
+    A batch of B objects is 2 x B x V rows (:mod:`drpose.models.layout`). With guidance each object is two
+    groups (unconditional, conditional). ``groups_per_call`` > 0 splits every UNet call into calls of at
+    most that many groups; groups never interact in the model, so the result is the same, while a
+    checkpointed call's backward then recomputes one chunk at a time: the peak activation memory of a
+    gradient-carrying step is that of ``groups_per_call`` groups, not of the whole batch.
+    """
+
+    def __init__(self, scheduler: DDIMScheduler, num_steps: int, num_views: int, guidance_scale: float = 1.0,
+                 checkpointing: bool = True, offload_activations: bool = False, groups_per_call: int = 0):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if groups_per_call < 0:
+            raise ValueError(f"groups_per_call must be >= 0 (0 = all groups in one call), got {groups_per_call}")
         self.scheduler = scheduler
         self.num_steps = num_steps
+        self.num_views = num_views
         self.guidance_scale = guidance_scale
         self.checkpointing = checkpointing
         self.offload_activations = offload_activations
+        self.groups_per_call = groups_per_call
         scheduler.set_timesteps(num_steps)
         self.timesteps = scheduler.timesteps.clone().long()
 
-    def _guided(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.guidance_scale == 1.0:
-            return model(x, t.expand(rows), cond, None)
-        samples = cond.shape[0]
-        mask = torch.cat([torch.zeros(samples, device=x.device), torch.ones(samples, device=x.device)])
-        both = model(torch.cat([x, x]), t.expand(2 * rows), torch.cat([cond, cond]), mask)
-        uncond, conditional = both.chunk(2)
-        return uncond + self.guidance_scale * (conditional - uncond)
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
 
-    def _grad_call(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        offload = torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda) if self.offload_activations else contextlib.nullcontext()
+    def calls(self, objects: int) -> list[tuple[list[int], list[int]]]:
+        """The UNet calls for ``objects`` objects: (object index, keep flag) per group, chunked."""
+        keeps = (0, 1) if self.guided else (1,)
+        groups = [(o, k) for k in keeps for o in range(objects)]
+        size = self.groups_per_call or len(groups)
+        return [([o for o, _ in groups[i : i + size]], [k for _, k in groups[i : i + size]])
+                for i in range(0, len(groups), size)]
+
+    def predict(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                with_grad: bool = False) -> torch.Tensor:
+        """The (guided) prediction for rows ``x`` of ``len(cond)`` objects; ``with_grad`` checkpoints every
+        call (and offloads its saved tensors when configured)."""
+        grid = rows_to_grid(x, self.num_views)  # (2, B, V, c, S, S)
+        objects = grid.shape[1]
+        outputs = {}
+        for chunk, keep in self.calls(objects):
+            rows = grid_to_rows(grid[:, chunk])
+            keep_tensor = torch.tensor(keep, device=x.device)
+            cond_chunk = cond.select(chunk)
+            if with_grad and self.checkpointing:
+                out = checkpoint(model, rows, t, cond_chunk, keep_tensor, use_reentrant=False)
+            else:
+                out = model(rows, t, cond_chunk, keep_tensor)
+            out_grid = rows_to_grid(out, self.num_views)
+            for index, (o, k) in enumerate(zip(chunk, keep)):
+                outputs[(o, k)] = out_grid[:, index]
+        if self.guided:
+            pred = [outputs[(o, 0)] + self.guidance_scale * (outputs[(o, 1)] - outputs[(o, 0)]) for o in range(objects)]
+        else:
+            pred = [outputs[(o, 1)] for o in range(objects)]
+        return grid_to_rows(torch.stack(pred, dim=1))
+
+    def _grad_call(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        offload = (torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda) if self.offload_activations
+                   else contextlib.nullcontext())
         with offload:
-            if self.checkpointing:
-                return checkpoint(self._guided, model, x, t, cond, use_reentrant=False)
-            return self._guided(model, x, t, cond)
+            return self.predict(model, x, t, cond, with_grad=True)
 
-    def sample(self, model: Denoiser, cond_latents: torch.Tensor, noise: torch.Tensor, plan: SamplingPlan,
+    def sample(self, model: Denoiser, cond: Conditioning, noise: torch.Tensor, plan: SamplingPlan,
                frozen_model: Denoiser | None = None) -> SampleResult:
-        """Run ``plan`` from ``noise`` (B*I, c, h, w); gradients reach ``model``'s weights only at
+        """Run ``plan`` from ``noise`` (2 * B * V, c, S, S); gradients reach ``model``'s weights only at
         ``plan.grad_steps``. ``frozen_model`` (e.g. the same UNet with adapters disabled) is evaluated
         on the same inputs at those steps for the KL term."""
         if plan.num_steps_run > self.num_steps:
@@ -150,14 +190,14 @@ class DDIMSampler:
             carries_grad = index in grad_steps and torch.is_grad_enabled()
             model_input = x.detach() if plan.detach_inputs else x
             if carries_grad:
-                prediction = self._grad_call(model, model_input, t, cond_latents)
+                prediction = self._grad_call(model, model_input, t, cond)
                 result.predictions.append(prediction)
                 if frozen_model is not None:
                     with torch.no_grad():
-                        result.frozen_predictions.append(self._guided(frozen_model, model_input.detach(), t, cond_latents))
+                        result.frozen_predictions.append(self.predict(frozen_model, model_input.detach(), t, cond))
             else:
                 with torch.no_grad():
-                    prediction = self._guided(model, model_input, t, cond_latents)
+                    prediction = self.predict(model, model_input, t, cond)
             result.trace.append(StepTrace(index, int(t), carries_grad, model_input.requires_grad))
             alpha = alphas_at(self.scheduler, t.view(1), x)
             x0, eps = prediction_to_x0_eps(self.scheduler, prediction.to(x.dtype), x, alpha)
@@ -171,12 +211,30 @@ class DDIMSampler:
 
 
 @torch.no_grad()
-def generate(model: Denoiser, sampler: DDIMSampler, cond_latents: torch.Tensor, images_per_sample: int,
+def generate(model: Denoiser, sampler: DDIMSampler, cond: Conditioning, latent_shape: tuple[int, int, int],
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample all images of each sample without gradients: (B * images_per_sample, c, h, w) latents.
+    """Sample every view of each object of ``cond`` without gradients: rows (2 * B * V, c, S, S).
 
     Noise is drawn on the CPU from ``generator`` so results do not depend on the device."""
-    b, c, h, w = cond_latents.shape
-    noise = torch.randn((b * images_per_sample, c, h, w), generator=generator).to(cond_latents)
+    rows = 2 * len(cond) * sampler.num_views
+    noise = torch.randn((rows, *latent_shape), generator=generator).to(cond.latents)
     plan = SamplingPlan(sampler.num_steps, (), False)
-    return sampler.sample(model, cond_latents, noise, plan).x0
+    return sampler.sample(model, cond, noise, plan).x0
+
+
+@torch.no_grad()
+def generate_views(pipeline: MultiViewPipeline, sampler: DDIMSampler, cond: Conditioning, seed: int,
+                   chunk: int = 8, unet=None) -> torch.Tensor:
+    """Generated latents (B, 2, V, c, h, w) for the conditioning of B objects, deterministic by seed;
+    ``unet`` replaces the pipeline's (e.g. one with adapters loaded)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (pipeline.latent_channels, pipeline.latent_size, pipeline.latent_size)
+
+    def model(x, t, c, keep):
+        return pipeline.predict(x, t, c, keep, unet=unet)
+
+    out = []
+    for start in range(0, len(cond), chunk):
+        rows = generate(model, sampler, cond.select(slice(start, start + chunk)), shape, generator)
+        out.append(rows_to_grid(rows, pipeline.num_views).transpose(0, 1))
+    return torch.cat(out)

@@ -35,11 +35,10 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    world: str | None = None  # tiny-world folder; None = the built-in one
-    unet: str | None = None  # diffusers-format multi-view UNet folder (replaces the world's base model)
-    codec: str | None = None  # diffusers AutoencoderKL folder (replaces the world's codec)
-    g_skel: str | None = None  # g_skel folder (replaces the world's g_skel)
-    unet_config: str | None = None  # "pshuman": build the real-size UNet with random weights (benchmarks)
+    pipeline: str | None = None  # PSHuman-style pipeline folder; None = the tiny world's
+    g_skel: str | None = None  # g_skel folder (heatmap width and rig in its config); None = the tiny world's
+    prompt_embeds: str | None = None  # folder with PSHuman's normal_embeds.pt + clr_embeds.pt (if not in pipeline)
+    unet: str | None = None  # UNetMV2DConditionModel folder replacing the pipeline's (e.g. converted from SD)
 
 
 @dataclass
@@ -57,13 +56,15 @@ class SamplingConfig:
     policy: str = "drtune"
     num_grad_steps: int = 2  # K
     early_stop_max: int = 8  # m
-    checkpointing: bool = True
-    offload_activations: bool = False
+    checkpointing: bool = True  # activation checkpointing of every gradient-carrying UNet call
+    unet_checkpointing: bool = False  # also checkpoint inside the UNet (diffusers' enable_gradient_checkpointing)
+    offload_activations: bool = False  # saved activations of gradient-carrying calls go to host memory
+    groups_per_call: int = 0  # split UNet calls into this many groups (0: all); the backward then goes per chunk
 
 
 @dataclass
 class RewardConfig:
-    sigma: float | None = None  # heatmap width in latent pixels; None = the world's
+    sigma: float | None = None  # heatmap width in latent pixels; None = the one g_skel was trained with
     backend: str = "auto"
     kl_weight: float = 0.01
     include_bones: bool = True
@@ -87,8 +88,9 @@ class PreserveConfig:
 
     weight: float = 0.0  # 0 = off
     target: str = "base"  # base: the frozen base model's prediction (a KL on these poses) | data: the pretraining loss
-    distribution: str = "narrow"  # the base model's pretraining distribution (tiny world); "hard" is held out
-    num: int = 256  # pool size: samples rendered in every view and domain at start-up
+    path: str = "data/preserve"  # dataset folder with multi-view renders of pretraining-distribution poses
+    distribution: str | None = "narrow"  # when set and ``path`` is missing, rank 0 synthesizes it ("hard" is held out)
+    num: int = 256  # pool size (synthesized)
     seed: int = 500
 
 
@@ -227,9 +229,11 @@ def validate(config: TrainConfig) -> None:
         (config.lora.rank >= 1, "lora.rank must be >= 1"),
         (config.reward.kl_weight >= 0, f"reward.kl_weight must be >= 0, got {config.reward.kl_weight}"),
         (config.preserve.weight >= 0, f"preserve.weight must be >= 0, got {config.preserve.weight}"),
-        (config.preserve.distribution in ("narrow", "broad"),
-         f"preserve.distribution must be narrow or broad (hard is held out for evaluation), "
+        (config.preserve.distribution in (None, "narrow", "broad"),
+         f"preserve.distribution must be narrow, broad or null (hard is held out for evaluation), "
          f"got {config.preserve.distribution!r}"),
+        (config.sampling.groups_per_call >= 0,
+         f"sampling.groups_per_call must be >= 0 (0: all groups in one call), got {config.sampling.groups_per_call}"),
         (config.preserve.target in ("base", "data"),
          f"preserve.target must be base or data, got {config.preserve.target!r}"),
         (config.data.synthesize_fps_pool is None or config.data.synthesize_fps_pool >= config.data.synthesize_num,

@@ -72,5 +72,7 @@ def collate(dataset: DrPoseDataset, indices: list[int]) -> dict:
 
 
 def sample_noise(shape_per_sample: tuple[int, ...], seed: int, step: int, positions: list[int]) -> torch.Tensor:
-    """Initial noise (B * I, c, h, w) with each sample's part drawn from (seed, step, its position)."""
-    return torch.cat([torch.randn(shape_per_sample, generator=seeded_generator(seed, step, p)) for p in positions])
+    """Initial noise rows (2 * B * V, c, h, w) in the multi-view layout for per-sample shape (2, V, c, h, w), each
+    sample's part drawn from (seed, step, its position)."""
+    per_sample = [torch.randn(shape_per_sample, generator=seeded_generator(seed, step, p)) for p in positions]
+    return torch.stack(per_sample, dim=1).reshape(-1, *shape_per_sample[2:])

@@ -17,23 +17,23 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from drpose.models.multiview_unet import MultiViewUNet
+from drpose.models.pshuman_unet import UNetMV2DConditionModel
 
 from .config import LoraSettings
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def add_lora(model: MultiViewUNet, settings: LoraSettings) -> list[torch.nn.Parameter]:
-    """Freeze ``model`` and add trainable fp32 LoRA adapters to its UNet; returns the adapter parameters."""
-    model.requires_grad_(False)
+def add_lora(unet: UNetMV2DConditionModel, settings: LoraSettings) -> list[torch.nn.Parameter]:
+    """Freeze ``unet`` and add trainable fp32 LoRA adapters to it; returns the adapter parameters."""
+    unet.requires_grad_(False)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), init_lora_weights="gaussian")
     try:
-        model.unet.add_adapter(config)
+        unet.add_adapter(config)
     except ValueError as error:
         raise ValueError(f"lora.target_modules {settings.target_modules} do not fit the UNet: {error}") from error
-    params = [p for name, p in model.unet.named_parameters() if "lora_" in name]
+    params = [p for name, p in unet.named_parameters() if "lora_" in name]
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -41,22 +41,22 @@ def add_lora(model: MultiViewUNet, settings: LoraSettings) -> list[torch.nn.Para
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: MultiViewUNet):
+def adapters_disabled(unet: UNetMV2DConditionModel):
     """The frozen initial model: the same UNet with its LoRA adapters switched off."""
-    model.unet.disable_adapters()
+    unet.disable_adapters()
     try:
-        yield model
+        yield unet
     finally:
-        model.unet.enable_adapters()
+        unet.enable_adapters()
 
 
-def lora_state_dict(model: MultiViewUNet) -> dict[str, torch.Tensor]:
+def lora_state_dict(unet: UNetMV2DConditionModel) -> dict[str, torch.Tensor]:
     """Adapter weights keyed ``<module>.lora_A/B.weight`` (peft's names, which diffusers' loader reads).
 
     Not passed through ``convert_state_dict_to_diffusers``: that rewrites attention keys to the legacy
     ``lora.down/up`` names but leaves other modules (convolutions) in peft's, and the loader then
     drops the attention adapters of such a mixed file."""
-    state = get_peft_model_state_dict(model.unet)
+    state = get_peft_model_state_dict(unet)
     return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
 
@@ -69,13 +69,13 @@ def _gathered(params: list[torch.nn.Parameter]):
     return contextlib.nullcontext()
 
 
-def export_lora(model: MultiViewUNet, folder: str | Path, is_main_process: bool = True) -> Path:
+def export_lora(unet: UNetMV2DConditionModel, folder: str | Path, is_main_process: bool = True) -> Path:
     """Write the adapters in diffusers' LoRA format; call on every rank (gathering is collective)."""
-    params = [p for name, p in model.unet.named_parameters() if "lora_" in name]
+    params = [p for name, p in unet.named_parameters() if "lora_" in name]
     with _gathered(params):
-        state = lora_state_dict(model)
+        state = lora_state_dict(unet)
     # rank and alpha travel with the weights, so the loader applies the same scale (alpha / rank)
-    metadata = model.unet.peft_config["default"].to_dict()
+    metadata = unet.peft_config["default"].to_dict()
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise RuntimeError(f"LoRA export found empty tensors (partitioned and not gathered): {empty[:3]}")
@@ -103,9 +103,9 @@ class UNetLoraHost(StableDiffusionLoraLoaderMixin):
         return {"unet": self.unet}
 
 
-def load_lora(model: MultiViewUNet, folder: str | Path, adapter_name: str = "drpose") -> None:
-    """Load exported adapters into ``model``'s UNet with diffusers' ``load_lora_weights``."""
+def load_lora(unet: UNetMV2DConditionModel, folder: str | Path, adapter_name: str = "drpose") -> None:
+    """Load exported adapters into ``unet`` with diffusers' ``load_lora_weights``."""
     path = Path(folder)
     if not (path / LORA_WEIGHTS).exists():
         raise FileNotFoundError(f"no {LORA_WEIGHTS} in {path}; export one with the trainer (output_dir/lora)")
-    UNetLoraHost(model.unet).load_lora_weights(str(path), adapter_name=adapter_name)
+    UNetLoraHost(unet).load_lora_weights(str(path), adapter_name=adapter_name)

@@ -16,74 +16,95 @@ prediction is pulled towards
 It is added to the DrPose loss with weight ``preserve.weight``. Every training sample brings one
 preservation sample, chosen with its timestep and noise from (seed, step, stream position), so a
 resumed run repeats them exactly and 1 process with micro-batch 2 computes the same loss as 2
-processes with micro-batch 1. The pool is rendered from the tiny world's bodies in every view and
-domain (the scan-dataset analogue) and encoded with the run's codec.
+processes with micro-batch 1. The pool is a DrPose15K-format folder whose records carry multi-view
+renders of pretraining-distribution bodies (for a real checkpoint: renders of the scans it was trained
+on), turned into the model's views and encoded with the run's VAE once at start-up.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from drpose.models.diffusion import add_noise, training_target
-from drpose.world.assets import World, sample_latents
-from drpose.world.views import FRONT_VIEW, RGB, flatten_views
+from drpose.models.layout import grid_to_rows
+from drpose.models.pipeline import Conditioning, MultiViewPipeline
+from drpose.models.rig import ViewRig
 
-from .config import ConfigError, PreserveConfig
+from .config import ConfigError
 from .data import seeded_generator
 
 PRESERVE_STREAM = 2_000_003  # separates the preservation generators' seeds from the noise and plan streams
 
 
 class PreservationSet:
-    """Multi-view latents (N, D, V, c, h, w) of pretraining-distribution poses, with their conditions."""
+    """Multi-view latents (N, 2, V, c, h, w) of pretraining-distribution poses, with their conditioning."""
 
-    def __init__(self, latents: torch.Tensor, num_train_timesteps: int):
-        if latents.ndim != 6 or latents.shape[0] < 1:
-            raise ValueError(f"latents: expected (N >= 1, D, V, c, h, w), got {tuple(latents.shape)}")
+    def __init__(self, latents: torch.Tensor, cond: Conditioning, num_train_timesteps: int):
+        if latents.ndim != 6 or latents.shape[0] < 1 or latents.shape[1] != 2:
+            raise ValueError(f"latents: expected (N >= 1, 2, V, c, h, w), got {tuple(latents.shape)}")
+        if len(cond) != latents.shape[0]:
+            raise ValueError(f"cond: {len(cond)} entries for {latents.shape[0]} samples")
         self.latents = latents
+        self.cond = cond
         self.num_train_timesteps = num_train_timesteps
 
     @classmethod
-    def render(cls, world: World, settings: PreserveConfig, images_per_sample: int, latent_shape: tuple[int, ...],
-               device: torch.device, dtype: torch.dtype) -> "PreservationSet":
-        """Render and encode ``settings.num`` poses of ``settings.distribution`` with ``world``'s rig and codec.
+    @torch.no_grad()
+    def from_folder(cls, folder: str | Path, pipeline: MultiViewPipeline, rig: ViewRig, seed: int,
+                    device: torch.device, dtype: torch.dtype, chunk: int = 64) -> "PreservationSet":
+        """Read a dataset folder with renders, turn them into the model's views and encode them with
+        ``pipeline`` (its VAE; the conditioning from each record's image, unCLIP noise seeded by ``seed``)."""
+        from drpose.data.dataset import DrPoseDataset
 
-        ``images_per_sample`` and ``latent_shape`` (c, h, w) are the fine-tuned model's; a model that does
-        not generate the world's domains x views at the codec's latent shape cannot use this pool."""
-        pool = sample_latents(world, [settings.distribution], settings.num, settings.seed)
-        latents = pool.latents
-        have = (latents.shape[1] * latents.shape[2], *latents.shape[3:])
-        if have != (images_per_sample, *latent_shape):
-            raise ConfigError(
-                f"preserve.weight > 0: the preservation pool has {have[0]} images of latent shape {tuple(have[1:])} per "
-                f"sample (the tiny world's domains x views), but the model generates {images_per_sample} of "
-                f"{tuple(latent_shape)}; set preserve.weight: 0 for this model")
-        return cls(latents.to(device, dtype), world.scheduler.config.num_train_timesteps)
+        dataset = DrPoseDataset(folder, load_renders=True)
+        camera = dataset.records[0].camera
+        if camera != rig.cameras:
+            raise ConfigError(f"preserve.path: {folder} was rendered with cameras {camera.to_dict()}, not the "
+                              f"model's rig {rig.cameras.to_dict()}")
+        size = pipeline.image_size
+        generator = torch.Generator().manual_seed(seed)
+        latents, conds = [], []
+        for start in range(0, len(dataset), chunk):
+            items = [dataset[i] for i in range(start, min(start + chunk, len(dataset)))]
+            renders = {k: torch.stack([item["renders"][k] for item in items]) for k in ("rgb", "normal", "mask")}
+            if renders["rgb"].shape[-1] != size:
+                raise ConfigError(f"preserve.path: {folder} holds {renders['rgb'].shape[-1]}px renders; the model "
+                                  f"takes {size}px images")
+            views = rig.model_views(renders["rgb"], renders["normal"], renders["mask"]).to(device, dtype)
+            flat = pipeline.encode_images(views.flatten(0, 2))
+            latents.append(flat.view(*views.shape[:3], *flat.shape[1:]))
+            images = torch.stack([item["image"] for item in items]).to(device, dtype)
+            conds.append(pipeline.condition(images, generator=generator))
+        return cls(torch.cat(latents), Conditioning.cat(conds), pipeline.scheduler.config.num_train_timesteps)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def draw(self, seed: int, step: int, positions: list[int]
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For each stream position: a pool sample, its noise and timestep. Returns clean latents
-        (B * I, c, h, w), noise like them, timesteps (B * I,) shared by a sample's images, and the
-        samples' conditions (B, c, h, w): their front-view RGB latents."""
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning]:
+        """For each stream position: a pool sample, its noise and timestep. Returns clean latents as rows
+        (2 * B * V, c, h, w), noise like them, timesteps (rows,) shared by a sample's rows, and the samples'
+        conditioning."""
         indices, noises, timesteps = [], [], []
-        domains, views = self.latents.shape[1:3]
+        views = self.latents.shape[2]
         for position in positions:
             generator = seeded_generator(seed, step, PRESERVE_STREAM, position)
             indices.append(int(torch.randint(len(self), (1,), generator=generator)))
             timesteps.append(int(torch.randint(self.num_train_timesteps, (1,), generator=generator)))
-            noises.append(torch.randn((domains * views, *self.latents.shape[3:]), generator=generator))
-        samples = self.latents[indices]
-        x0 = flatten_views(samples)
-        t = torch.tensor(timesteps).repeat_interleave(domains * views).to(x0.device)
-        return x0, torch.cat(noises).to(x0), t, samples[:, RGB, FRONT_VIEW]
+            noises.append(torch.randn((2, views, *self.latents.shape[3:]), generator=generator))
+        samples = self.latents[indices]  # (B, 2, V, ...)
+        x0 = grid_to_rows(samples.transpose(0, 1))
+        noise = grid_to_rows(torch.stack(noises, dim=1)).to(x0)
+        t = torch.tensor(timesteps)[None, :, None].expand(2, len(positions), views).reshape(-1).to(x0.device)
+        return x0, noise, t, self.cond.select(indices)
 
     def loss(self, model, scheduler, seed: int, step: int, positions: list[int], checkpointing: bool = True,
              frozen_model=None) -> torch.Tensor:
-        """Mean squared error of ``model``'s prediction on the drawn samples (one per position).
+        """Mean squared error of ``model``'s prediction (a :data:`~drpose.models.sampling.Denoiser`) on the
+        drawn samples (one per position).
 
         The target is the pretraining one (the noise, or v, that made the noisy input), or, with
         ``frozen_model`` (the base model: the same UNet with adapters disabled), that model's prediction

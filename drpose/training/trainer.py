@@ -1,17 +1,16 @@
 """The DrPose training loop on DeepSpeed.
 
-One optimizer step: for each micro-batch of (front image, pose) -> condition latent -> sample the
-multi-view latents with the configured gradient policy -> g_skel -> PoseScore (fused op on GPU,
-reference on CPU) -> loss = -PoseScore + w_KL * KL (+ w_pres * the preservation loss on pretraining-distribution
-poses, :mod:`drpose.training.preserve`) -> DeepSpeed backward; then DeepSpeed's optimizer step, logging
-and checkpointing. Only LoRA adapters train.
+One optimizer step: for each micro-batch of (front image, pose), :func:`~drpose.training.step.train_step`
+(condition -> sample the multi-view latents with the gradient policy -> g_skel -> PoseScore (fused op on
+GPU, reference on CPU) -> loss = -PoseScore + w_KL * KL (+ w_pres * the preservation loss,
+:mod:`drpose.training.preserve`) -> DeepSpeed backward); then DeepSpeed's optimizer step, logging and
+checkpointing. Only LoRA adapters train. The model is a bundle (:mod:`drpose.models.bundle`): the tiny
+world's by default, or a PSHuman folder plus a g_skel folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,20 +23,18 @@ from tqdm import tqdm
 from drpose.data.dataset import DrPoseDataset
 from drpose.data.synthesize import synthesize
 from drpose.memory import read_peak, reset_peak
-from drpose.models.g_skel import GSkel
-from drpose.models.codec import LatentCodec
-from drpose.models.multiview_unet import MultiViewUNet, pshuman_unet_config
+from drpose.models.bundle import ModelBundle
 from drpose.models.sampling import DDIMSampler, GradientPolicy, make_plan
 from drpose.reward import PoseReward
-from drpose.world.assets import World, load_world
 
 from . import checkpoints
 from .config import ConfigError, TrainConfig, resolved_yaml
 from .data import BatchLayout, SampleStream, collate, sample_noise, seeded_generator
-from .lora import add_lora, adapters_disabled, export_lora
+from .lora import add_lora, export_lora
 from .metrics_log import MetricsLog
 from .preserve import PreservationSet
 from .rendezvous import free_port
+from .step import StepBatch, StepModel, StepResult, train_step
 
 PLAN_STREAM = 1_000_003  # separates the plan generators' seeds from the noise generators'
 
@@ -62,14 +59,16 @@ class DistributedContext:
             dist.barrier()
 
     def mean(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64)
+        """The mean over ranks of each value (collectives on the run's device: NCCL needs CUDA tensors)."""
+        tensor = torch.tensor(values, dtype=torch.float64 if self.device.type == "cpu" else torch.float32,
+                              device=self.device)
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(tensor)
             tensor /= self.world_size
         return tensor.tolist()
 
     def any(self, flag: bool) -> bool:
-        tensor = torch.tensor([1.0 if flag else 0.0])
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
@@ -99,21 +98,14 @@ def run_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def load_models(config: TrainConfig) -> tuple[World, MultiViewUNet]:
-    """The world (codec, g_skel, schedule, rig, settings) and the multi-view UNet to fine-tune."""
-    world = load_world(config.model.world)
-    unet = world.unet
-    if config.model.unet:
-        unet = MultiViewUNet.from_pretrained(config.model.unet, torch_dtype=torch.float32)
-    elif config.model.unet_config == "pshuman":
-        unet = MultiViewUNet.from_config(pshuman_unet_config())
-    elif config.model.unet_config is not None:
-        raise ConfigError(f"model.unet_config: unknown {config.model.unet_config!r} (known: pshuman)")
-    if config.model.codec:
-        world.codec = LatentCodec.from_pretrained(config.model.codec, torch_dtype=torch.float32)
-    if config.model.g_skel:
-        world.g_skel = GSkel.from_pretrained(config.model.g_skel)
-    return world, unet
+def load_bundle(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    """The model bundle the config names (the tiny world's by default), frozen, in the run dtype."""
+    model = config.model
+    try:
+        return ModelBundle.load(model.pipeline, model.g_skel, model.prompt_embeds, model.unet, dtype=dtype,
+                                device=device)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"model: {error}") from error
 
 
 def deepspeed_config(config: TrainConfig, world_size: int) -> dict:
@@ -136,46 +128,66 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict:
     return ds
 
 
-def prepare_data(config: TrainConfig, ctx: DistributedContext) -> DrPoseDataset:
-    path = Path(config.data.path)
-    if not (path / "manifest.jsonl").exists():
-        if config.data.synthesize_distribution is None:
-            raise ConfigError(f"data.path: no dataset at {path}; create one with `python -m drpose.data.synthesize "
-                              f"--out {path} --num 256 --distribution broad --seed 300`, or set "
-                              f"data.synthesize_distribution to have the trainer create it")
-        if ctx.is_main:
-            pool = config.data.synthesize_fps_pool
-            picked = f" (the most diverse of {pool}, farthest-point sampling)" if pool is not None else ""
-            print(f"[drpose] synthesizing {config.data.synthesize_num} {config.data.synthesize_distribution} poses"
-                  f"{picked} into {path}", flush=True)
-            synthesize(path, config.data.synthesize_num, config.data.synthesize_distribution,
-                       config.data.synthesize_seed, progress=True, fps_pool=pool)
-        ctx.barrier()
-    dataset = DrPoseDataset(path)
-    if config.data.synthesize_distribution is not None:
-        check_synthesized(dataset, config)
+def prepare_data(config: TrainConfig, ctx: DistributedContext, image_size: int) -> DrPoseDataset:
+    data = config.data
+    dataset = _synthesized_folder(Path(data.path), "data", data.synthesize_distribution, data.synthesize_num,
+                                  data.synthesize_seed, data.synthesize_fps_pool, image_size, ctx)
+    if data.synthesize_distribution is not None:
+        check_synthesized(dataset, "data.path", data.synthesize_distribution, data.synthesize_num,
+                          data.synthesize_seed, data.synthesize_fps_pool)
+    if dataset.image_size != image_size:
+        raise ConfigError(f"data.path: {dataset.root} holds {dataset.image_size}px images; the model takes "
+                          f"{image_size}x{image_size}")
     return dataset
 
 
-def check_synthesized(dataset: DrPoseDataset, config: TrainConfig) -> None:
+def _synthesized_folder(path: Path, section: str, distribution: str | None, num: int, seed: int,
+                        fps_pool: int | None, image_size: int, ctx: DistributedContext) -> DrPoseDataset:
+    """The dataset at ``path``; rank 0 synthesizes it first when it is missing and ``distribution`` is set."""
+    if not (path / "manifest.jsonl").exists():
+        if distribution is None:
+            raise ConfigError(f"{section}.path: no dataset at {path}; create one with `python -m drpose.data.synthesize "
+                              f"--out {path} --num 256 --distribution broad --seed 300`, or set "
+                              f"{section}.{'synthesize_distribution' if section == 'data' else 'distribution'} to have "
+                              f"the trainer create it")
+        if ctx.is_main:
+            picked = f" (the most diverse of {fps_pool}, farthest-point sampling)" if fps_pool is not None else ""
+            print(f"[drpose] synthesizing {num} {distribution} poses{picked} into {path}", flush=True)
+            synthesize(path, num, distribution, seed, image_size, progress=True, fps_pool=fps_pool)
+        ctx.barrier()
+    return DrPoseDataset(path)
+
+
+def check_synthesized(dataset: DrPoseDataset, key: str, distribution: str, num: int, seed: int,
+                      fps_pool: int | None) -> None:
     """A folder the trainer synthesized earlier must match what the config asks for now (a dataset of one's own,
     whose records are not all synthetic, is used as it is)."""
     sources = [record.source or "" for record in dataset.records]
     if not all(source.startswith("synthetic:") for source in sources):
         return
-    data = config.data
-    pool = f"pool={data.synthesize_fps_pool}:" if data.synthesize_fps_pool is not None else ""
-    expected = f"synthetic:{data.synthesize_distribution}:seed={data.synthesize_seed}:{pool}index="
-    if len(sources) != data.synthesize_num or not all(source.startswith(expected) for source in sources):
+    pool = f"pool={fps_pool}:" if fps_pool is not None else ""
+    expected = f"synthetic:{distribution}:seed={seed}:{pool}index="
+    if len(sources) != num or not all(source.startswith(expected) for source in sources):
         found = sources[0].rsplit("index=", 1)[0] if sources else "nothing"
         raise ConfigError(
-            f"data.path: {dataset.root} holds {len(sources)} synthetic records ({found}...), not the "
-            f"{data.synthesize_num} the config asks for ({expected}...); remove the folder to have it synthesized "
-            f"again, point data.path elsewhere, or set data.synthesize_distribution=null to train on it as it is")
+            f"{key}: {dataset.root} holds {len(sources)} synthetic records ({found}...), not the {num} the config "
+            f"asks for ({expected}...); remove the folder to have it synthesized again, point {key} elsewhere, or "
+            f"set the synthesis settings to null to train on it as it is")
 
 
 def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def prepare_preservation(config: TrainConfig, bundle: ModelBundle, ctx: DistributedContext,
+                         dtype: torch.dtype) -> PreservationSet | None:
+    settings = config.preserve
+    if settings.weight <= 0:
+        return None
+    dataset_path = Path(settings.path)
+    _synthesized_folder(dataset_path, "preserve", settings.distribution, settings.num, settings.seed, None,
+                        bundle.image_size, ctx)
+    return PreservationSet.from_folder(dataset_path, bundle.pipeline, bundle.rig, settings.seed, ctx.device, dtype)
 
 
 def train(config: TrainConfig, resume: str | None = None) -> dict:
@@ -184,16 +196,14 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     ctx = setup_distributed()
     torch.manual_seed(config.run.seed)
     dtype = run_dtype(config, ctx.device)
-    world, unet = load_models(config)
-    settings = world.settings
-    rig = world.rig
-    codec = world.codec.to(ctx.device, dtype).eval().requires_grad_(False)
-    reward_fn = PoseReward(world.g_skel.to(ctx.device, dtype), rig, unet.config.num_domains,
-                           config.reward.sigma if config.reward.sigma is not None else settings.sigma,
-                           config.reward.backend, config.reward.include_bones)
-    unet.to(ctx.device, dtype)
+    bundle = load_bundle(config, ctx.device, dtype)
+    pipeline, unet = bundle.pipeline, bundle.pipeline.unet
+    reward_fn = PoseReward.from_bundle(bundle, config.reward.sigma, config.reward.backend, config.reward.include_bones)
     lora_params = add_lora(unet, config.lora)
-    dataset = prepare_data(config, ctx)
+    if config.sampling.unet_checkpointing:
+        unet.enable_gradient_checkpointing()
+    dataset = prepare_data(config, ctx, bundle.image_size)
+    preserve = prepare_preservation(config, bundle, ctx, dtype)
 
     optimizer = torch.optim.AdamW(lora_params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.optim.warmup_steps))
@@ -220,19 +230,21 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     log = MetricsLog(output_dir, ctx.is_main, start_step)
     layout = BatchLayout(config.data.batch_size, config.data.grad_accum, ctx.world_size)
     stream = SampleStream(len(dataset), config.run.seed)
-    sampler = DDIMSampler(world.scheduler, config.sampling.num_steps, config.sampling.guidance_scale,
-                          config.sampling.checkpointing, config.sampling.offload_activations)
-    policy = GradientPolicy(config.sampling.policy, config.sampling.num_grad_steps, config.sampling.early_stop_max)
-    per_sample_shape = (unet.config.images_per_sample, unet.latent_channels, settings.latent_size, settings.latent_size)
-    preserve = None
-    if config.preserve.weight > 0:
-        preserve = PreservationSet.render(world, config.preserve, per_sample_shape[0], per_sample_shape[1:],
-                                          ctx.device, dtype)
-    autocast = (torch.autocast(ctx.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext)
+    sampling = config.sampling
+    sampler = DDIMSampler(pipeline.scheduler, sampling.num_steps, bundle.num_views, sampling.guidance_scale,
+                          sampling.checkpointing, sampling.offload_activations, sampling.groups_per_call)
+    policy = GradientPolicy(sampling.policy, sampling.num_grad_steps, sampling.early_stop_max)
+    step_model = StepModel(pipeline, engine, unet, reward_fn, sampler, config.reward.kl_weight, config.run.seed,
+                           preserve, config.preserve.weight, config.preserve.target, dtype)
+    noise_shape = (2, bundle.num_views, *bundle.latent_shape)
 
-    def frozen_model(x, t, cond, mask):
-        with adapters_disabled(unet):
-            return engine(x, t, cond, mask)
+    def stop_if_not_finite(result: StepResult) -> None:
+        if ctx.any(not torch.isfinite(result.loss).item()):
+            where = last_checkpoint or "none (no checkpoint was written yet)"
+            raise TrainingStopped(
+                f"non-finite loss at step {step + 1} (reward {result.reward.detach().float().mean().item()}, kl "
+                f"{result.kl.item()}); stopped without updating the weights. Last good checkpoint: {where}. Fix the "
+                f"cause (data, learning rate, precision) and continue with --resume latest")
 
     started = time.perf_counter()
     bar = tqdm(range(start_step, config.run.max_steps), initial=start_step, total=config.run.max_steps,
@@ -243,35 +255,14 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
         totals = [0.0, 0.0, 0.0, 0.0]
         for micro_step in range(config.data.grad_accum):
             positions = layout.positions(step, micro_step, ctx.rank)
-            batch = collate(dataset, [stream.index(p) for p in positions])
-            images = batch["images"].to(ctx.device, dtype)
-            joints = batch["joints"].to(ctx.device)
-            framing = rig.frame(joints)
-            noise = sample_noise(per_sample_shape, config.run.seed, step, positions).to(ctx.device)
-            plan = make_plan(policy, config.sampling.num_steps, seeded_generator(config.run.seed, step, PLAN_STREAM + micro_step))
-            with autocast():
-                with torch.no_grad():
-                    cond = codec.encode(images)
-                result = sampler.sample(engine, cond, noise, plan, frozen_model=frozen_model)
-                reward = reward_fn(result.x0, joints, framing)
-                kl = result.kl()
-                loss = -reward.mean() + config.reward.kl_weight * kl
-                preserve_loss = torch.zeros(())
-                if preserve is not None:
-                    preserve_loss = preserve.loss(
-                        engine, world.scheduler, config.run.seed, step, positions, config.sampling.checkpointing,
-                        frozen_model if config.preserve.target == "base" else None)
-                    loss = loss + config.preserve.weight * preserve_loss
-            if ctx.any(not torch.isfinite(loss).item()):
-                where = last_checkpoint or "none (no checkpoint was written yet)"
-                raise TrainingStopped(
-                    f"non-finite loss at step {step} (reward {reward.detach().mean().item()}, kl {kl.item()}); "
-                    f"stopped without updating the weights. Last good checkpoint: {where}. Fix the cause (data, "
-                    f"learning rate, precision) and continue with --resume latest")
-            engine.backward(loss)
+            items = collate(dataset, [stream.index(p) for p in positions])
+            batch = StepBatch(items["images"].to(ctx.device, dtype), items["joints"].to(ctx.device),
+                              sample_noise(noise_shape, config.run.seed, step, positions).to(ctx.device, dtype),
+                              positions, step)
+            plan = make_plan(policy, sampling.num_steps, seeded_generator(config.run.seed, step, PLAN_STREAM + micro_step))
+            result = train_step(step_model, batch, plan, backward=engine.backward, guard=stop_if_not_finite)
             engine.step()
-            totals = [a + b for a, b in zip(totals, (reward.detach().mean().item(), kl.item(), loss.item(),
-                                                      preserve_loss.item()))]
+            totals = [a + b for a, b in zip(totals, result.scalars())]
         step_time = time.perf_counter() - step_started
         peak, _ = read_peak(ctx.device, baseline)
         reward_mean, kl_mean, loss_mean, preserve_mean = ctx.mean([t / config.data.grad_accum for t in totals])

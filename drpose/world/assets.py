@@ -1,15 +1,15 @@
-"""The embedded tiny world's weights: one folder with a codec, a base multi-view model, g_skel, the
-noise schedule, the camera rig and the settings that tie them together, plus a manifest.
+"""The embedded tiny world: a model bundle in PSHuman's folder format plus the world's own files.
 
     tiny_world/
-      manifest.json     settings, seeds, sizes, build time, quality figures
-      codec/            diffusers AutoencoderKL
-      base_model/       MultiViewUNet.save_pretrained (diffusers UNet in unet/ + multi-view parts)
-      g_skel/           GSkel.save_pretrained
-      scheduler/        diffusers DDIMScheduler config
+      manifest.json     settings (image size, rig), seeds, sizes, build time, quality figures
+      pipeline/         a PSHuman-style pipeline folder (model_index.json, unet/ UNetMV2DConditionModel,
+                        vae/, scheduler/, image_encoder/, feature_extractor/, image_normalizer/,
+                        image_noising_scheduler/, prompt_embeds/{normal,clr}_embeds.pt)
+      g_skel/           g_skel (its config: heatmap width, latent size, the rig of the views it reads)
 
-``python -m drpose.world.build`` writes it; ``load_world`` reads it (by default the copy shipped in
-``drpose/assets/tiny_world``).
+``python -m drpose.world.build`` writes it; :func:`load_world` reads it (by default the copy shipped in
+``drpose/assets/tiny_world``) through the same :class:`~drpose.models.bundle.ModelBundle` loader that
+reads a downloaded PSHuman folder.
 """
 
 from __future__ import annotations
@@ -19,66 +19,41 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
 
-from drpose.body import joints_from_params
-from drpose.cameras import CameraRig
-from drpose.models.codec import LatentCodec
-from drpose.models.g_skel import GSkel
-from drpose.models.multiview_unet import MultiViewUNet
-from drpose.poses import sample_poses
+from drpose.models.bundle import TINY_WORLD, ModelBundle
+from drpose.models.rig import ViewRig
 
-from .latents import LatentBatch, concat_latent_batches, encode_views
-from .views import render_views
-
-DEFAULT_WORLD = Path(__file__).resolve().parents[1] / "assets" / "tiny_world"
+DEFAULT_WORLD = TINY_WORLD
 MANIFEST = "manifest.json"
 
 
 @dataclass
 class WorldSettings:
-    resolution: int = 64  # rendered image side (pixels)
-    latent_size: int = 16  # latent side = heatmap side
+    resolution: int = 72  # rendered image side (pixels)
+    latent_size: int = 18  # latent side = heatmap side
     latent_channels: int = 4
     sigma: float = 1.0  # PoseScore heatmap width in latent pixels
     prediction_type: str = "v_prediction"
-    rig: dict = field(default_factory=lambda: CameraRig().to_dict())
+    rig: dict = field(default_factory=lambda: ViewRig().to_dict())
 
-    def camera_rig(self) -> CameraRig:
-        return CameraRig.from_dict(self.rig)
+    def view_rig(self) -> ViewRig:
+        return ViewRig.from_dict(self.rig)
 
 
 @dataclass
 class World:
-    codec: LatentCodec
-    unet: MultiViewUNet
-    g_skel: GSkel
-    scheduler: DDIMScheduler
+    bundle: ModelBundle
     settings: WorldSettings
     manifest: dict
-    folder: Path | None = None
+    folder: Path
 
     @property
-    def rig(self) -> CameraRig:
-        return self.settings.camera_rig()
+    def rig(self) -> ViewRig:
+        return self.bundle.rig
 
-    def save(self, folder: str | Path, manifest: dict | None = None, half: bool = True) -> None:
-        """Write the world; ``half`` stores weights as float16 (they load back as float32)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, module, save in (("codec", self.codec, self.codec.save_pretrained),
-                                   ("base_model", self.unet, self.unet.save_pretrained),
-                                   ("g_skel", self.g_skel, self.g_skel.save_pretrained)):
-            if half:
-                module.half()
-            try:
-                save(folder / name)
-            finally:
-                module.float()
-        self.scheduler.save_pretrained(folder / "scheduler")
-        self.manifest = dict(manifest or self.manifest, settings=asdict(self.settings))
-        (folder / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
-        self.folder = folder
+    @property
+    def pipeline(self):
+        return self.bundle.pipeline
 
 
 def load_world(folder: str | Path | None = None, device: str | torch.device = "cpu") -> World:
@@ -89,32 +64,9 @@ def load_world(folder: str | Path | None = None, device: str | torch.device = "c
         raise FileNotFoundError(f"no tiny world at {folder}: {MANIFEST} is missing{hint}")
     manifest = json.loads(manifest_path.read_text())
     settings = WorldSettings(**manifest["settings"])
-    for part in ("codec", "base_model", "g_skel", "scheduler"):
-        if not (folder / part).is_dir():
-            raise FileNotFoundError(f"tiny world {folder} lacks its {part}/ folder")
-    codec = LatentCodec.from_pretrained(folder / "codec", torch_dtype=torch.float32)
-    unet = MultiViewUNet.from_pretrained(folder / "base_model", torch_dtype=torch.float32)
-    g_skel = GSkel.from_pretrained(folder / "g_skel").float()
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-    for module in (codec, unet, g_skel):
-        module.to(device).eval().requires_grad_(False)
-    return World(codec, unet, g_skel, scheduler, settings, manifest, folder)
+    bundle = ModelBundle.load(folder / "pipeline", folder / "g_skel", device=device)
+    return World(bundle, settings, manifest, folder)
 
 
-def sample_latents(world: World, distributions: list[str], num_each: int, seed: int, chunk: int = 64) -> LatentBatch:
-    """Render and encode ``num_each`` fresh poses of every distribution (deterministic by seed)."""
-    return encode_pose_pool(world.codec, world.rig, world.settings.resolution, distributions, num_each, seed, chunk)
-
-
-def encode_pose_pool(codec: LatentCodec, rig: CameraRig, resolution: int, distributions: list[str], num_each: int,
-                     seed: int, chunk: int = 64, breaking_share: float | None = None) -> LatentBatch:
-    """Poses of each distribution drawn in one seeded call (seed + its index), rendered and encoded in chunks.
-
-    ``breaking_share`` goes to :func:`~drpose.poses.sample_poses` (None: the default share of ``broad``)."""
-    batches = []
-    for d_index, distribution in enumerate(distributions):
-        params = sample_poses(distribution, num_each, seed + d_index, breaking_share=breaking_share)
-        joints = joints_from_params(params)
-        for start in range(0, num_each, chunk):
-            batches.append(encode_views(codec, render_views(joints[start : start + chunk], rig, resolution)))
-    return concat_latent_batches(batches)
+def write_manifest(folder: Path, manifest: dict, settings: WorldSettings) -> None:
+    (folder / MANIFEST).write_text(json.dumps(dict(manifest, settings=asdict(settings)), indent=2) + "\n")

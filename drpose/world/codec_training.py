@@ -1,4 +1,4 @@
-"""Training the tiny world's latent codec (a small AutoencoderKL) on multi-view renders."""
+"""Training the tiny world's VAE (a small diffusers AutoencoderKL) on multi-view renders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from drpose.models.codec import LatentCodec, tiny_codec_config
+from diffusers import AutoencoderKL
+
+
+def tiny_vae_config(latent_channels: int = 4, image_size: int = 72) -> dict:
+    """Three levels (16/32/64 channels): 4x downsampling, so 72x72 images become 18x18 latents."""
+    return dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=8, sample_size=image_size, scaling_factor=1.0,
+    )  # fmt: skip
 
 
 @dataclass
@@ -49,12 +58,11 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, edge
 
 
 def train_codec(images: torch.Tensor, settings: CodecTraining, latent_channels: int = 4, show_progress: bool = True
-                ) -> tuple[LatentCodec, list[float]]:
-    """Train on ``images`` (N, 3, R, R) uint8; sets the scaling factor so scaled latents have unit std."""
+                ) -> tuple[AutoencoderKL, list[float]]:
+    """Train a VAE on ``images`` (N, 3, R, R) uint8; sets the scaling factor so scaled latents have unit std."""
     torch.manual_seed(settings.seed)
-    config = tiny_codec_config(latent_channels, images.shape[-1])
-    codec = LatentCodec.from_config(config)
-    optimizer = torch.optim.AdamW(codec.parameters(), lr=settings.lr, weight_decay=0.0)
+    vae = AutoencoderKL(**tiny_vae_config(latent_channels, images.shape[-1]))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(step / settings.steps, 1.0))))
     generator = torch.Generator().manual_seed(settings.seed)
@@ -63,8 +71,8 @@ def train_codec(images: torch.Tensor, settings: CodecTraining, latent_channels: 
     for _ in bar:
         index = torch.randint(0, images.shape[0], (settings.batch_size,), generator=generator)
         target = images[index].float() / 255.0
-        posterior = codec.vae.encode(target * 2 - 1).latent_dist
-        reconstruction = (codec.vae.decode(posterior.sample(generator)).sample + 1) / 2
+        posterior = vae.encode(target * 2 - 1).latent_dist
+        reconstruction = (vae.decode(posterior.sample(generator)).sample + 1) / 2
         loss = reconstruction_loss(reconstruction, target, settings.edge_weight, settings.body_weight)
         total = loss + settings.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -73,17 +81,18 @@ def train_codec(images: torch.Tensor, settings: CodecTraining, latent_channels: 
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    codec.eval()
+    vae.eval()
     with torch.no_grad():
         sample = images[torch.randperm(images.shape[0], generator=generator)[:512]].float() / 255.0
-        latents = torch.cat([codec.vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in sample.split(128)])
-    codec.set_scaling_factor(1.0 / latents.std().item())
-    return codec, losses
+        latents = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in sample.split(128)])
+    vae.register_to_config(scaling_factor=1.0 / latents.std().item())
+    return vae, losses
 
 
 @torch.no_grad()
-def reconstruction_error(codec: LatentCodec, images: torch.Tensor) -> float:
-    """Mean absolute error of encode -> decode on ``images`` (N, 3, R, R) uint8, in [0, 1] units."""
+def reconstruction_error(pipeline, images: torch.Tensor) -> float:
+    """Mean absolute error of encode -> decode through ``pipeline``'s VAE on ``images`` (N, 3, R, R) uint8."""
     target = images.float() / 255.0
-    errors = [(codec.decode(codec.encode(chunk)) - chunk).abs().mean() * chunk.shape[0] for chunk in target.split(128)]
+    errors = [(pipeline.decode_latents(pipeline.encode_images(chunk)) - chunk).abs().mean() * chunk.shape[0]
+              for chunk in target.split(128)]
     return (torch.stack(errors).sum() / target.shape[0]).item()

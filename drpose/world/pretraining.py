@@ -1,9 +1,10 @@
-"""Pretraining the tiny world's base multi-view model: standard diffusion training on ``narrow`` poses.
+"""Pretraining the tiny world's base model: PSHuman's multi-view UNet on ``narrow`` (scan-like) poses.
 
-Each sample is a front-view RGB latent (the condition) and the latents of its 6 views x 2 domains
-(the target). All images of a sample share one timestep; the condition is dropped with probability
-``cond_dropout`` so that classifier-free guidance is available. An exponential moving average of the
-weights is what is kept.
+Standard diffusion training in PSHuman's batch layout: each object's 7 views x 2 domains are one group,
+each (domain, group) gets its own timestep (PSHuman's training does the same), and the condition (the
+condition latents and unCLIP class labels) is dropped with probability ``cond_dropout`` so that
+classifier-free guidance is available. The fixed prompt embeddings train with the UNet (they start from a
+small CLIP text model's encoding of PSHuman's prompts). An exponential moving average of both is kept.
 """
 
 from __future__ import annotations
@@ -13,48 +14,61 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
+import torch.nn as nn
 from tqdm import tqdm
 
 from drpose.models.diffusion import add_noise, training_target
-from drpose.models.multiview_unet import MultiViewUNet
+from drpose.models.pipeline import MultiViewPipeline
 
 from .latents import LatentBatch
-from .views import flatten_views
 
 
 @dataclass
 class Pretraining:
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 4
     lr: float = 1e-3
+    prompt_lr: float = 1e-2
     warmup_steps: int = 100
     cond_dropout: float = 0.1
     ema_decay: float = 0.995
     seed: int = 0
 
 
-def diffusion_loss(unet: MultiViewUNet, scheduler: DDIMScheduler, latents: torch.Tensor, cond: torch.Tensor,
-                   generator: torch.Generator, cond_dropout: float = 0.0) -> torch.Tensor:
-    """Noise-prediction (or v) MSE for samples ``latents`` (B, D, V, c, h, w) conditioned on ``cond`` (B, c, h, w)."""
-    samples = latents.shape[0]
-    per_sample = latents.shape[1] * latents.shape[2]
-    x0 = flatten_views(latents)
+class Trainable(nn.Module):
+    """The parts pretraining updates: the UNet and the prompt embeddings."""
+
+    def __init__(self, unet: nn.Module, prompt_embeds: torch.Tensor):
+        super().__init__()
+        self.unet = unet
+        self.prompt_embeds = nn.Parameter(prompt_embeds.detach().clone().float())
+
+
+def diffusion_loss(pipeline: MultiViewPipeline, batch: LatentBatch, generator: torch.Generator,
+                   cond_dropout: float = 0.0) -> torch.Tensor:
+    """Noise-prediction (or v) MSE of ``pipeline``'s UNet on ``batch``: one timestep per (domain, object)."""
+    scheduler = pipeline.scheduler
+    objects, views = len(batch), pipeline.num_views
+    x0 = batch.rows
     noise = torch.randn(x0.shape, generator=generator).to(x0)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (samples,), generator=generator)
-    timesteps = timesteps.repeat_interleave(per_sample).to(x0.device)
-    keep = (torch.rand(samples, generator=generator) >= cond_dropout).float().to(x0.device)
-    prediction = unet(add_noise(scheduler, x0, noise, timesteps), timesteps, cond, keep)
+    per_group = torch.randint(0, scheduler.config.num_train_timesteps, (2, objects), generator=generator)
+    timesteps = per_group[:, :, None].expand(2, objects, views).reshape(-1).to(x0.device)
+    keep = (torch.rand(objects, generator=generator) >= cond_dropout).float().to(x0.device)
+    prediction = pipeline.predict(add_noise(scheduler, x0, noise, timesteps), timesteps, batch.cond, keep)
     return (prediction.float() - training_target(scheduler, x0, noise, timesteps).float()).pow(2).mean()
 
 
-def pretrain_base(pool: LatentBatch, unet: MultiViewUNet, scheduler: DDIMScheduler, settings: Pretraining,
-                  show_progress: bool = True) -> tuple[MultiViewUNet, list[float]]:
-    """Train ``unet`` on ``pool``; returns the EMA copy and the loss curve."""
+def pretrain_base(pool: LatentBatch, pipeline: MultiViewPipeline, settings: Pretraining, show_progress: bool = True
+                  ) -> list[float]:
+    """Train ``pipeline``'s UNet and prompt embeddings on ``pool``; leaves their EMA in ``pipeline``. Returns
+    the loss curve."""
     torch.manual_seed(settings.seed)
-    unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=1e-4)
+    trainable = Trainable(pipeline.unet.train().requires_grad_(True), pipeline.prompt_embeds)
+    ema = copy.deepcopy(trainable).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW([
+        {"params": list(trainable.unet.parameters()), "lr": settings.lr, "weight_decay": 1e-4},
+        {"params": [trainable.prompt_embeds], "lr": settings.prompt_lr, "weight_decay": 0.0},
+    ])
 
     def lr_factor(step: int) -> float:
         warm = min(1.0, (step + 1) / settings.warmup_steps)
@@ -66,17 +80,19 @@ def pretrain_base(pool: LatentBatch, unet: MultiViewUNet, scheduler: DDIMSchedul
     bar = tqdm(range(settings.steps), desc="base model", disable=not show_progress, mininterval=2)
     for step in bar:
         index = torch.randint(0, len(pool), (settings.batch_size,), generator=generator)
-        batch = pool.select(index)
-        loss = diffusion_loss(unet, scheduler, batch.latents, batch.condition, generator, settings.cond_dropout)
+        pipeline.prompt_embeds = trainable.prompt_embeds
+        loss = diffusion_loss(pipeline, pool.select(index), generator, settings.cond_dropout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         decay = min(settings.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema_param, param in zip(ema.parameters(), unet.parameters()):
+            for ema_param, param in zip(ema.parameters(), trainable.parameters()):
                 ema_param.lerp_(param, 1 - decay)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return ema, losses
+    pipeline.unet = ema.unet.eval()
+    pipeline.prompt_embeds = ema.prompt_embeds.detach().clone()
+    return losses
