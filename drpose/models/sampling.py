@@ -1,4 +1,4 @@
-"""DDIM sampling of the multi-view model with gradient policies (DESIGN.md section 5).
+"""DDIM sampling of the multi-view model with gradient policies.
 
 A policy decides which denoising steps carry gradients to the model's weights and how:
 
