@@ -35,7 +35,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         help="DeepSpeed JSON (overrides run.deepspeed_config)")
     parser.add_argument("--resume", default=None, help="'latest', a step number, or a checkpoint folder")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete the run already in run.output_dir (its checkpoints, metrics, LoRA) and start again")
+                        help="delete the run in run.output_dir (its checkpoints, metrics, LoRA) and start again")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     unknown = [r for r in rest if r.startswith("-")]

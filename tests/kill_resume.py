@@ -89,8 +89,14 @@ def curve(out: Path) -> list[dict]:
     return [{k: row.get(k) for k in ("step", *DETERMINISTIC)} for row in rows]
 
 
-def lora_bytes(out: Path) -> bytes:
-    return (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+def lora(out: Path) -> tuple[dict, dict]:
+    """The exported LoRA's tensors as raw bytes and its metadata (the file's bytes themselves vary: safetensors
+    writes the metadata in hash order)."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as exported:
+        tensors = {key: exported.get_tensor(key).numpy().tobytes() for key in exported.keys()}
+        return tensors, exported.metadata()
 
 
 def check_checkpoints(out: Path) -> list[int]:
@@ -157,7 +163,7 @@ def kill_round(config: Path, out: Path, reference: Path, rng: random.Random, dur
     resumed = train(config, out, "--resume", "latest", *extra)
     assert resumed.returncode == 0, f"resume failed ({resumed.returncode}):\n{resumed.stderr[-3000:]}"
     check_checkpoints(out)
-    identical = curve(out) == curve(reference) and lora_bytes(out) == lora_bytes(reference)
+    identical = curve(out) == curve(reference) and lora(out) == lora(reference)
     return Round(moment, time.monotonic() - started, killed, left, identical)
 
 

@@ -186,7 +186,7 @@ def test_lock_names_its_holder_takes_over_stale_locks_and_refuses_foreign_ones(t
     with pytest.raises(ConfigError, match=f"pid {os.getppid()} on host .*still running"):
         RunLock(tmp_path)  # a live process named in the file (a filesystem without flock): not stale
     (tmp_path / LOCK).write_text(json.dumps({"host": "gpu-node-7", "pid": 123}))
-    with pytest.raises(ConfigError, match=f"locked by pid 123 on host gpu-node-7 .*if it does not, delete {tmp_path / LOCK}"):
+    with pytest.raises(ConfigError, match=f"locked by pid 123 on host gpu-node-7 .*if it does not, delete {tmp_path}"):
         RunLock(tmp_path)
 
 
@@ -265,8 +265,9 @@ def test_partial_and_damaged_checkpoints_are_named_with_the_one_to_use(tmp_path)
         checkpoints.resolve_resume(config, "4")
     with open(root / "checkpoint-3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "r+b") as f:
         f.truncate(50)
-    with pytest.raises(ConfigError, match=r"checkpoint-3 is damaged \(zero_pp_rank_0_mp_rank_00_optim_states.pt: 50 "
-                                          r"bytes, written as 200\); resume from the last good checkpoint with --resume 2"):
+    with pytest.raises(ConfigError, match=r"checkpoint-3 is damaged \(zero_pp_rank_0_mp_rank_00_optim_states.pt: "
+                                          r"50 bytes, written as 200\); resume from the last good checkpoint with "
+                                          r"--resume 2"):
         checkpoints.resolve_resume(config, "latest")
     checkpoints.record_next_loss(root / "checkpoint-2", False)
     with pytest.raises(ConfigError, match="checkpoint-2 is not good: the step after it \\(step 3\\) had a non-finite "
@@ -322,8 +323,53 @@ def test_resume_with_a_ruinous_learning_rate_applies_it_and_stops_naming_a_reall
     assert f"Last good checkpoint: {good}." in stop[0] and f"--resume {good.name.split('-')[1]}" in stop[0]
     again = train(fixture, out, "--resume", "latest", "optim.lr=1e10", "run.max_steps=5")
     check(again, 2)
-    assert f"checkpoint-{failed - 1} is not good: the step after it (step {failed}) had a non-finite loss" in again.stderr
+    assert f"checkpoint-{failed - 1} is not good: the step after it (step {failed}) had a non-finite loss" \
+        in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_a_restored_optimizer_takes_the_configs_learning_rate_warmup_and_weight_decay():
+    from drpose.training.trainer import _lr_lambda
+
+    def make(lr, warmup, decay):
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([param], lr=lr, weight_decay=decay)
+        return param, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup))
+
+    param, optimizer, scheduler = make(2e-3, 10, 0.0)
+    for _ in range(3):
+        param.sum().backward()
+        optimizer.step()
+        scheduler.step()
+    saved = optimizer.state_dict(), scheduler.state_dict()
+    param, optimizer, scheduler = make(1e-4, 4, 0.1)  # the config the run resumes with
+    optimizer.load_state_dict(saved[0])  # what DeepSpeed's load_checkpoint does
+    scheduler.load_state_dict(saved[1])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * 4 / 10), "the checkpoint's, until applied"
+    config = load_config(None, ["optim.lr=1e-4", "optim.warmup_steps=4", "optim.weight_decay=0.1"])
+    checkpoints.apply_optimizer_settings(scheduler, config)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == scheduler.get_last_lr()[0] == 1e-4 * 4 / 4 and group["weight_decay"] == 0.1
+    assert len(optimizer.state_dict()["state"]) == 1, "the moments stay the checkpoint's"
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 1e-4, "the schedule continues from the config's settings"
+
+
+def test_resume_below_max_steps_is_refused_before_any_work(reference_run, fixture, tmp_path):
+    from drpose.training.trainer import claim_output
+
+    out = copy_run(reference_run, tmp_path)
+    ctx = type("Ctx", (), {"is_main": True, "any": lambda self, flag: flag, "share": lambda self, value: value})()
+    below = f"run.max_steps=2 is below the step of {out / 'checkpoints' / 'checkpoint-3'} \\(3\\); raise run.max_steps"
+    with pytest.raises(ConfigError, match=below):
+        claim_output(load_config(fixture, [f"run.output_dir={out}", "run.max_steps=2"]), ctx, "latest", False)
+    assert not (out / LOCK).exists() and (out / "summary.json").exists(), "refused: the folder is as it was"
+    lock, folder, changes = claim_output(load_config(fixture, [f"run.output_dir={out}", "optim.lr=1e-3"]), ctx,
+                                         "latest", False)
+    lock.release()
+    assert folder == out / "checkpoints" / "checkpoint-3" and changes == {"optim.lr": (2e-3, 1e-3)}
+    assert not (out / "summary.json").exists(), "a resumed run is a started run again until it ends"
 
 
 def test_resume_with_a_changed_setting_that_must_match_is_refused(reference_run, fixture, tmp_path):
@@ -462,7 +508,8 @@ def test_a_stale_synthesized_dataset_is_refused_by_name(fixture):
     data = DrPoseDataset(fixture.parent.parent / "data")  # 4 broad poses, seed 300, no selection from a pool
     check_synthesized(data, "data.path", "broad", 4, 300, None)
     for changed in (("broad", 5, 300, None), ("broad", 4, 301, None), ("hard", 4, 300, None), ("broad", 4, 300, 64)):
-        with pytest.raises(ConfigError, match=r"data.path: .* holds 4 synthetic records \(synthetic:broad:seed=300:\.\.\.\)"):
+        with pytest.raises(ConfigError, match=r"data.path: .* holds 4 synthetic records "
+                                              r"\(synthetic:broad:seed=300:\.\.\.\)"):
             check_synthesized(data, "data.path", *changed)
 
 
@@ -495,9 +542,11 @@ def test_killed_runs_resume_bit_identical_and_never_leave_a_partial_checkpoint(f
 
 @pytest.mark.slow
 def test_two_gloo_processes_in_bf16_match_one_process_at_the_same_global_batch(fixture, tmp_path):
-    """bf16 autocast (frozen weights bf16, adapters fp32): 2 ranks x micro-batch 1 vs 1 rank x micro-batch 2.
-    Stated tolerance: losses within 2e-2 relative, LoRA weights within 2e-3 (bf16 rounding of different batch
-    shapes and the gradients' all-reduce)."""
+    """bf16 autocast (frozen weights bf16, adapters fp32): 2 ranks x micro-batch 1 vs 1 rank x micro-batch 2, 2 steps.
+    Stated tolerances (measured on CPU: 2e-5, 0.6%, 1e-5 and 7%): reward and loss within 1e-3 relative, grad norm
+    within 2e-2, the LoRA A matrices within 1e-4 and the B matrices within 15% (relative Frobenius norm of the
+    difference). B starts at zero and Adam's first updates are lr x sign(gradient): its elements whose gradient is
+    near zero take either sign under bf16 rounding of different batch shapes and the ranks' all-reduce."""
     runs = {}
     for processes, batch in ((1, 2), (2, 1)):
         out = tmp_path / f"ranks{processes}"
@@ -509,13 +558,17 @@ def test_two_gloo_processes_in_bf16_match_one_process_at_the_same_global_batch(f
         runs[processes] = out
     one, two = read_metrics(runs[1]), read_metrics(runs[2])
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    assert all(r["grad_norm"] > 0 for r in one + two) and one[1]["kl"] > 0 and two[1]["kl"] > 0, "bf16 trains"
     for a, b in zip(one, two):
-        for key in ("reward", "loss"):
-            assert b[key] == pytest.approx(a[key], rel=2e-2), (key, a, b)
+        for key, tolerance in (("reward", 1e-3), ("loss", 1e-3), ("grad_norm", 2e-2)):
+            assert b[key] == pytest.approx(a[key], rel=tolerance), (key, a, b)
     a = load_file(str(runs[1] / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(runs[2] / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-3
+    for part, tolerance in (("lora_A", 1e-4), ("lora_B", 0.15)):
+        keys = [k for k in a if part in k]
+        difference = torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm()
+        assert difference <= tolerance * torch.cat([a[k].flatten() for k in keys]).norm(), part
 
 
 # --- the shipped tiny world (model.pipeline: null) ----------------------------------------------------------------
@@ -555,9 +608,8 @@ def test_world_run_trains_with_preservation_and_reports(world_run, tmp_path):
 def test_world_zero3_runs_and_exports_gathered_adapters(world_run, tmp_path, ds_config):
     out = tmp_path / ds_config
     args = world_args(out, f"run.deepspeed_config={ROOT / 'configs' / ds_config}", "data.batch_size=1")
-    args[args.index(next(a for a in args if a.startswith("data.path=")))] = f"data.path={world_run.parent / 'world_data'}"
-    preserve = f"preserve.path={world_run.parent / 'world_preserve'}"
-    args[args.index(next(a for a in args if a.startswith("preserve.path=")))] = preserve
+    for key, folder in (("data.path", "world_data"), ("preserve.path", "world_preserve")):  # the world run's data
+        args[next(i for i, a in enumerate(args) if a.startswith(key + "="))] = f"{key}={world_run.parent / folder}"
     command = [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(free_port()), str(ROOT / "drpose" / "train.py"),
                "--config", str(ROOT / "configs" / "tiny.yaml"), *args]
     check(subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900))

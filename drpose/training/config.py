@@ -334,7 +334,8 @@ def validate(config: TrainConfig) -> None:
         (0 <= lora.dropout < 1, f"lora.dropout must be in [0, 1), got {lora.dropout}"),
         (len(lora.target_modules) >= 1, "lora.target_modules must name at least one module"),
         (config.reward.sigma is None or config.reward.sigma > 0,
-         f"reward.sigma must be > 0 (the heatmap width in latent pixels) or null (g_skel's), got {config.reward.sigma}"),
+         f"reward.sigma must be > 0 (the heatmap width in latent pixels) or null (g_skel's), got "
+         f"{config.reward.sigma}"),
         (config.data.synthesize_distribution in (None, *DISTRIBUTIONS),
          f"data.synthesize_distribution must be one of {DISTRIBUTIONS} or null, got "
          f"{config.data.synthesize_distribution!r}"),
@@ -410,8 +411,8 @@ def check_files(config: TrainConfig) -> None:
     data = config.data
     if not (Path(data.path) / "manifest.jsonl").is_file() and data.synthesize_distribution is None:
         raise ConfigError(f"data.path: no dataset at {data.path} (no manifest.jsonl); create one with `python -m "
-                          f"drpose.data.synthesize --out {data.path} --num 256 --distribution broad --seed 300`, or set "
-                          f"data.synthesize_distribution to have the trainer create it")
+                          f"drpose.data.synthesize --out {data.path} --num 256 --distribution broad --seed 300`, or "
+                          f"set data.synthesize_distribution to have the trainer create it")
     preserve = config.preserve
     if preserve.weight > 0 and preserve.distribution is None and not (Path(preserve.path) / "manifest.jsonl").is_file():
         raise ConfigError(f"preserve.path: no dataset at {preserve.path} (no manifest.jsonl); set "

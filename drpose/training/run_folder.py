@@ -82,8 +82,9 @@ class RunLock:
             except BlockingIOError:
                 holder = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
                 os.close(fd)
-                raise ConfigError(f"run.output_dir: {self.path.parent} is in use by another run ({describe_holder(holder)}; "
-                                  f"lock {self.path}); wait for it to end or stop it, or choose another run.output_dir")
+                raise ConfigError(f"run.output_dir: {self.path.parent} is in use by another run "
+                                  f"({describe_holder(holder)}; lock {self.path}); wait for it to end or stop it, or "
+                                  f"choose another run.output_dir")
             try:  # the holder before us may have deleted the file between our open and our lock
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -94,7 +95,8 @@ class RunLock:
         else:
             raise ConfigError(f"run.output_dir: could not lock {self.path} (it keeps being replaced)")
         try:
-            self._check_previous(_holder(os.pread(fd, 4096, 0).decode(errors="replace")) if os.fstat(fd).st_size else None)
+            previous = os.pread(fd, 4096, 0).decode(errors="replace") if os.fstat(fd).st_size else None
+            self._check_previous(_holder(previous) if previous is not None else None)
         except ConfigError:
             os.close(fd)
             raise
@@ -116,9 +118,9 @@ class RunLock:
                 f"machine ({socket.gethostname()}) cannot tell whether that run still goes: if it does not, delete "
                 f"{self.path}")
         if pid != os.getpid() and process_alive(pid, holder.get("process_start")):
-            raise ConfigError(f"run.output_dir: {self.path.parent} is in use by another run ({describe_holder(holder)}, "
-                              f"still running; lock {self.path}); wait for it to end or stop it, or choose another "
-                              f"run.output_dir")
+            raise ConfigError(f"run.output_dir: {self.path.parent} is in use by another run "
+                              f"({describe_holder(holder)}, still running; lock {self.path}); wait for it to end or "
+                              f"stop it, or choose another run.output_dir")
         self.stale = holder
         self.note = f"took over the stale lock {self.path} of {describe_holder(holder)} (no longer running)"
 
@@ -165,8 +167,11 @@ def claim(folder: str | Path, resume: bool, overwrite: bool) -> tuple[RunLock, s
         raise ConfigError("--resume and --overwrite exclude each other: continue the run in run.output_dir, or "
                           "delete it and start again")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(folder)
+    except OSError as error:
+        raise ConfigError(f"run.output_dir: cannot create or lock {folder} ({error})") from error
     contents = run_contents(folder)
     if contents and not resume:
         if not overwrite:

@@ -212,8 +212,8 @@ def claim_output(config: TrainConfig, ctx: DistributedContext, resume: str | Non
             if resume:
                 folder = checkpoints.resolve_resume(config, resume, run_started=bool(contents or lock.stale))
                 if folder is None:
-                    print(f"[drpose] --resume {resume}: no checkpoint yet in {config.run.output_dir}; starting again at "
-                          f"step 0", flush=True)
+                    print(f"[drpose] --resume {resume}: no checkpoint yet in {config.run.output_dir}; starting "
+                          f"again at step 0", flush=True)
                 else:
                     step = checkpoints.read_info(folder)["step"]
                     if step > config.run.max_steps:
@@ -307,8 +307,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | Non
     def last_good_advice() -> str:
         good = checkpoints.last_good(checkpoints.checkpoint_root(config))
         if good is None:
-            return ("Last good checkpoint: none (no checkpoint's weights were followed by a finite loss). Fix the cause "
-                    "(e.g. a smaller optim.lr) and start again with --overwrite")
+            return ("Last good checkpoint: none (no checkpoint's weights were followed by a finite loss). Fix the "
+                    "cause (e.g. a smaller optim.lr) and start again with --overwrite")
         return (f"Last good checkpoint: {good}. Fix the cause (e.g. a smaller optim.lr, the data, the precision) and "
                 f"continue from it with --resume {checkpoints.read_info(good)['step']}")
 
