@@ -155,6 +155,29 @@ def sampled_gradients(pipeline, plan, objects, guidance, settings):
         assert (other - grads[0]).abs().max() <= 1e-4 * grads[0].abs().max()
 
 
+def test_bf16_sampling_keeps_the_gradient_of_low_noise_steps():
+    """PSHuman's schedule ends at t = 1, where alpha_bar = 0.998 is 1 in bf16: the DDIM update must not drop the
+    last prediction (nor its gradient). bf16 values and gradients follow fp32's within bf16 rounding."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    noise = torch.randn(2 * VIEWS, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = ScaledDenoiser(0.3).to(dtype)
+        sampler = DDIMSampler(scheduler, 4, VIEWS)
+        assert sampler.timesteps.tolist()[-1] == 1
+        x0 = sampler.sample(model, conditioning(1), noise.to(dtype), SamplingPlan(4, (3,), True)).x0
+        assert x0.dtype == dtype
+        x0.float().sum().backward()
+        results[dtype] = x0.float(), model.p.grad.float()
+    (x32, g32), (x16, g16) = results[torch.float32], results[torch.bfloat16]
+    assert g32.abs() > 1
+    torch.testing.assert_close(g16, g32, rtol=2e-2, atol=0)
+    torch.testing.assert_close(x16, x32, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("plan", [SamplingPlan(4, (1, 3), True), SamplingPlan(4, (2, 3), False)], ids=["drtune", "draft"])
 def test_checkpointed_and_offloaded_sampling_give_identical_gradients(pipeline, plan):
     sampled_gradients(pipeline, plan, 1, 1.0, [(False, False, 0), (True, False, 0), (True, True, 0)])

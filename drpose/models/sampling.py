@@ -199,14 +199,17 @@ class DDIMSampler:
                 with torch.no_grad():
                     prediction = self.predict(model, model_input, t, cond)
             result.trace.append(StepTrace(index, int(t), carries_grad, model_input.requires_grad))
-            alpha = alphas_at(self.scheduler, t.view(1), x)
-            x0, eps = prediction_to_x0_eps(self.scheduler, prediction.to(x.dtype), x, alpha)
-            result.x0 = x0
+            # the update in fp32, stored back in the latents' dtype: in bf16, alpha_bar(t) of a low-noise step
+            # (0.998 at t = 1) rounds to 1, which would drop the prediction (and its gradient) from x0
+            x32 = x.float()
+            alpha = alphas_at(self.scheduler, t.view(1), x32)
+            x0, eps = prediction_to_x0_eps(self.scheduler, prediction.float(), x32, alpha)
+            result.x0 = x0.to(noise.dtype)
             if index + 1 < self.num_steps:
-                alpha_prev = alphas_at(self.scheduler, self.timesteps[index + 1].view(1), x)
+                alpha_prev = alphas_at(self.scheduler, self.timesteps[index + 1].view(1), x32)
             else:
                 alpha_prev = torch.full_like(alpha, float(self.scheduler.final_alpha_cumprod))
-            x = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+            x = (alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps).to(noise.dtype)
         return result
 
 

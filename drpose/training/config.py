@@ -1,13 +1,21 @@
 """Typed training configuration: one YAML file -> nested dataclasses, plus ``section.key=value`` overrides.
 
-Unknown keys and values of the wrong type are errors that name the key (with a suggestion for typos).
-``resolved_yaml`` gives the fully resolved configuration that is saved next to every checkpoint.
+Unknown keys, values of the wrong type and values out of range are errors that name the key (with a
+suggestion for typos); a file that is not valid YAML is named with the line and column. Paths written in a
+config file are relative to that file's folder; paths given on the command line, and the defaults, are
+relative to the working folder. Both are made absolute when the config is read, so a run behaves the same
+from any folder. :func:`check_files` checks what the paths point to (the DeepSpeed JSON, model folders,
+datasets) before a run does any work. ``resolved_yaml`` gives the fully resolved configuration that is
+saved next to every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,7 +171,18 @@ def _coerce(value, tp, key: str):
     raise ConfigError(f"{key}: unsupported type {_describe(tp)}")
 
 
-def _apply(target, values: dict, prefix: str) -> None:
+PATH_KEYS = ("run.output_dir", "run.deepspeed_config", "model.pipeline", "model.g_skel", "model.prompt_embeds",
+             "model.unet", "data.path", "preserve.path")
+"""Settings that are paths: made absolute when read (against the config file's folder or the working folder)."""
+
+
+def _absolute(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return os.path.normpath(path if path.is_absolute() else base / path)
+
+
+def _apply(target, values: dict, prefix: str, base: Path | None = None) -> None:
+    """Set ``values`` on the dataclass ``target``; paths among them are made absolute against ``base``."""
     hints = typing.get_type_hints(type(target))
     names = [f.name for f in dataclasses.fields(target)]
     for name, value in values.items():
@@ -176,9 +195,14 @@ def _apply(target, values: dict, prefix: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
-            _apply(current, value, f"{key}.")
+            _apply(current, value, f"{key}.", base)
         else:
-            setattr(target, name, _coerce(value, hints[name], key))
+            value = _coerce(value, hints[name], key)
+            if key in PATH_KEYS and isinstance(value, str) and base is not None:
+                if not value.strip():
+                    raise ConfigError(f"{key}: expected a path, got an empty string")
+                value = _absolute(value, base)
+            setattr(target, name, value)
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -189,37 +213,133 @@ def parse_override(text: str) -> tuple[list[str], object]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty key part")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return parts, ""
+    try:
+        return parts, yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(error)})") from error
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def read_yaml(path: Path):
+    """The YAML document in ``path``; a syntax error names the file, line and column."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a text file ({error})") from error
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from error
+
+
+def read_json(path: Path, key: str):
+    """The JSON document in ``path`` (the setting ``key``); a syntax error names the file, line and column."""
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{key}: {path} is not a text file ({error})") from error
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{key}: {path} is not valid JSON: line {error.lineno}, column {error.colno}: "
+                          f"{error.msg}") from error
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults, then the file's settings (paths relative to the file), then the overrides (paths relative to
+    the working folder), validated."""
     config = TrainConfig()
+    cwd = Path.cwd()
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        default = getattr(getattr(config, section), name)
+        if default is not None:
+            setattr(getattr(config, section), name, _absolute(default, cwd))
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        _apply(config, values, "")
+        try:
+            _apply(config, values, "", path.resolve().parent)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from error
     for text in overrides:
         parts, value = parse_override(text)
         nested: dict = value
         for part in reversed(parts):
             nested = {part: nested}
-        _apply(config, nested, "")
+        _apply(config, nested, "", cwd)
     validate(config)
     return config
 
 
-def validate(config: TrainConfig) -> None:
-    from drpose.models.sampling import POLICIES
+TRAINING_POLICIES = ("drtune", "draft", "alignprop")
 
+
+def _non_finite(target, prefix: str = "") -> str | None:
+    """The first number setting that is NaN or infinite, by key."""
+    for f in dataclasses.fields(target):
+        value = getattr(target, f.name)
+        if dataclasses.is_dataclass(value):
+            found = _non_finite(value, f"{prefix}{f.name}.")
+            if found:
+                return found
+        elif isinstance(value, float) and not math.isfinite(value):
+            return f"{prefix}{f.name}"
+    return None
+
+
+def validate(config: TrainConfig) -> None:
+    """Refuse settings that cannot train, by key: ranges, enums and combinations."""
+    from drpose.poses import DISTRIBUTIONS
+
+    bad = _non_finite(config)
+    if bad:
+        raise ConfigError(f"{bad} must be a finite number")
+    run, sampling, optim, lora = config.run, config.sampling, config.optim, config.lora
+    if sampling.policy == "none":
+        raise ConfigError("sampling.policy none carries no gradient through any sampling step, so nothing would "
+                          f"train; use one of {TRAINING_POLICIES} (none is for sampling and benchmarks only)")
     checks = [
-        (config.sampling.policy in POLICIES, f"sampling.policy must be one of {POLICIES}, got {config.sampling.policy!r}"),
-        (config.sampling.num_steps >= 1, "sampling.num_steps must be >= 1"),
-        (0 <= config.sampling.early_stop_max < config.sampling.num_steps,
+        (sampling.policy in TRAINING_POLICIES,
+         f"sampling.policy must be one of {TRAINING_POLICIES}, got {sampling.policy!r}"),
+        (sampling.num_steps >= 1, "sampling.num_steps must be >= 1"),
+        (0 <= sampling.early_stop_max < sampling.num_steps,
          "sampling.early_stop_max must be in [0, sampling.num_steps)"),
+        (sampling.num_grad_steps >= 1,
+         f"sampling.num_grad_steps (K) must be >= 1 (the steps that carry a gradient), got {sampling.num_grad_steps}"),
+        (sampling.policy == "drtune" or sampling.num_grad_steps <= sampling.num_steps,
+         f"sampling.num_grad_steps (K={sampling.num_grad_steps}) must be <= sampling.num_steps "
+         f"(T={sampling.num_steps})"),
+        (sampling.policy != "drtune" or sampling.num_grad_steps <= sampling.num_steps - sampling.early_stop_max,
+         f"sampling.num_grad_steps (K={sampling.num_grad_steps}) must be <= sampling.num_steps - "
+         f"sampling.early_stop_max (T - m = {sampling.num_steps - sampling.early_stop_max}): DRTune runs as few as "
+         f"T - m steps and trains K of them"),
+        (sampling.guidance_scale >= 0, f"sampling.guidance_scale must be >= 0, got {sampling.guidance_scale}"),
+        (run.log_every >= 1, f"run.log_every must be >= 1, got {run.log_every}"),
+        (run.seed >= 0, f"run.seed must be >= 0, got {run.seed}"),
+        (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
+        (optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}"),
+        (optim.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0 (0: no clipping), got {optim.max_grad_norm}"),
+        (optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0 (0: no warm-up), got {optim.warmup_steps}"),
+        (lora.alpha > 0, f"lora.alpha must be > 0 (the adapters' scale is alpha / rank), got {lora.alpha}"),
+        (0 <= lora.dropout < 1, f"lora.dropout must be in [0, 1), got {lora.dropout}"),
+        (len(lora.target_modules) >= 1, "lora.target_modules must name at least one module"),
+        (config.reward.sigma is None or config.reward.sigma > 0,
+         f"reward.sigma must be > 0 (the heatmap width in latent pixels) or null (g_skel's), got "
+         f"{config.reward.sigma}"),
+        (config.data.synthesize_distribution in (None, *DISTRIBUTIONS),
+         f"data.synthesize_distribution must be one of {DISTRIBUTIONS} or null, got "
+         f"{config.data.synthesize_distribution!r}"),
+        (config.data.synthesize_num >= 1, f"data.synthesize_num must be >= 1, got {config.data.synthesize_num}"),
         (config.run.precision in ("auto", "fp32", "bf16"), "run.precision must be auto, fp32 or bf16"),
         (config.reward.backend in ("auto", "triton", "reference"), "reward.backend must be auto, triton or reference"),
         (config.data.batch_size >= 1 and config.data.grad_accum >= 1, "data.batch_size and data.grad_accum must be >= 1"),
@@ -246,6 +366,62 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(message)
 
 
+DEEPSPEED_OWNED = {
+    "optimizer": "the trainer builds the optimizer (AdamW with optim.lr and optim.weight_decay)",
+    "scheduler": "the trainer builds the schedule (linear warm-up over optim.warmup_steps)",
+    "train_batch_size": "set by data.batch_size x data.grad_accum x the number of processes",
+    "train_micro_batch_size_per_gpu": "set by data.batch_size",
+    "gradient_accumulation_steps": "set by data.grad_accum",
+    "gradient_clipping": "set by optim.max_grad_norm",
+}
+"""Sections of a DeepSpeed JSON that the trainer sets itself; a JSON that holds them is refused."""
+
+
+def read_deepspeed_config(path: str | Path) -> dict:
+    """The DeepSpeed JSON of ``run.deepspeed_config``, refused by name when it holds settings the trainer owns."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"run.deepspeed_config: {path} does not exist (see configs/ds_*.json)")
+    ds = read_json(path, "run.deepspeed_config")
+    if not isinstance(ds, dict):
+        raise ConfigError(f"run.deepspeed_config: {path} must hold a JSON object")
+    for key, why in DEEPSPEED_OWNED.items():
+        if key in ds:
+            raise ConfigError(f"run.deepspeed_config: {path} has a '{key}' section; {why}, so leave it out of the "
+                              f"DeepSpeed JSON")
+    for key in ("fp16", "bf16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
+            raise ConfigError(f"run.deepspeed_config: {path}: '{key}' is enabled; precision is set by run.precision "
+                              f"(frozen weights in the run dtype, LoRA weights in fp32, autocast), so leave it out of "
+                              f"the DeepSpeed JSON")
+    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"run.deepspeed_config: {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return ds
+
+
+def check_files(config: TrainConfig) -> None:
+    """Check what the config's paths point to, before a run does any work: the DeepSpeed JSON, the model
+    folders, the datasets (or their synthesis settings) and the output folder."""
+    read_deepspeed_config(config.run.deepspeed_config)
+    for key in ("pipeline", "g_skel", "prompt_embeds", "unet"):
+        value = getattr(config.model, key)
+        if value is not None and not Path(value).is_dir():
+            raise ConfigError(f"model.{key}: {value} is not a folder")
+    data = config.data
+    if not (Path(data.path) / "manifest.jsonl").is_file() and data.synthesize_distribution is None:
+        raise ConfigError(f"data.path: no dataset at {data.path} (no manifest.jsonl); create one with `python -m "
+                          f"drpose.data.synthesize --out {data.path} --num 256 --distribution broad --seed 300`, or "
+                          f"set data.synthesize_distribution to have the trainer create it")
+    preserve = config.preserve
+    if preserve.weight > 0 and preserve.distribution is None and not (Path(preserve.path) / "manifest.jsonl").is_file():
+        raise ConfigError(f"preserve.path: no dataset at {preserve.path} (no manifest.jsonl); set "
+                          f"preserve.distribution to have the trainer create it, or preserve.weight=0")
+    output = Path(config.run.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"run.output_dir: {output} exists and is not a folder")
+
+
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
@@ -256,5 +432,5 @@ def resolved_yaml(config: TrainConfig) -> str:
 
 def from_dict(values: dict) -> TrainConfig:
     config = TrainConfig()
-    _apply(config, values, "")
+    _apply(config, values, "", Path.cwd())
     return config

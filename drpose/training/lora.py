@@ -76,6 +76,8 @@ def export_lora(unet: UNetMV2DConditionModel, folder: str | Path, is_main_proces
         state = lora_state_dict(unet)
     # rank and alpha travel with the weights, so the loader applies the same scale (alpha / rank)
     metadata = unet.peft_config["default"].to_dict()
+    if isinstance(metadata.get("target_modules"), (list, set)):  # peft keeps a set: its order varies between runs
+        metadata["target_modules"] = sorted(metadata["target_modules"])
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise RuntimeError(f"LoRA export found empty tensors (partitioned and not gathered): {empty[:3]}")

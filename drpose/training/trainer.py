@@ -6,6 +6,10 @@ GPU, reference on CPU) -> loss = -PoseScore + w_KL * KL (+ w_pres * the preserva
 :mod:`drpose.training.preserve`) -> DeepSpeed backward); then DeepSpeed's optimizer step, logging and
 checkpointing. Only LoRA adapters train. The model is a bundle (:mod:`drpose.models.bundle`): the tiny
 world's by default, or a PSHuman folder plus a g_skel folder.
+
+Before any work, rank 0 locks ``run.output_dir`` and checks what it holds and what ``--resume`` names
+(:mod:`drpose.training.run_folder`, :mod:`drpose.training.checkpoints`); every rank then starts, or stops
+with the same error.
 """
 
 from __future__ import annotations
@@ -20,15 +24,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from drpose.data.dataset import DrPoseDataset
+from drpose.data.dataset import DatasetError, DrPoseDataset
 from drpose.data.synthesize import synthesize
 from drpose.memory import read_peak, reset_peak
 from drpose.models.bundle import ModelBundle
 from drpose.models.sampling import DDIMSampler, GradientPolicy, make_plan
 from drpose.reward import PoseReward
 
-from . import checkpoints
-from .config import ConfigError, TrainConfig, resolved_yaml
+from . import checkpoints, run_folder
+from .config import ConfigError, TrainConfig, check_files, read_deepspeed_config, resolved_yaml
 from .data import BatchLayout, SampleStream, collate, sample_noise, seeded_generator
 from .lora import add_lora, export_lora
 from .metrics_log import MetricsLog
@@ -66,6 +70,14 @@ class DistributedContext:
             dist.all_reduce(tensor)
             tensor /= self.world_size
         return tensor.tolist()
+
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if dist.is_initialized() and self.world_size > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return value
 
     def any(self, flag: bool) -> bool:
         tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
@@ -109,14 +121,7 @@ def load_bundle(config: TrainConfig, device: torch.device, dtype: torch.dtype) -
 
 
 def deepspeed_config(config: TrainConfig, world_size: int) -> dict:
-    path = Path(config.run.deepspeed_config)
-    if not path.is_file():
-        raise ConfigError(f"run.deepspeed_config: {path} does not exist (see configs/ds_*.json)")
-    ds = json.loads(path.read_text())
-    for key in ("fp16", "bf16"):
-        if ds.get(key, {}).get("enabled"):
-            raise ConfigError(f"{path}: '{key}' is enabled; precision is set by run.precision (frozen weights in "
-                              f"the run dtype, LoRA weights in fp32, autocast), so leave it out of the DeepSpeed JSON")
+    ds = read_deepspeed_config(config.run.deepspeed_config)
     ds.update(
         train_micro_batch_size_per_gpu=config.data.batch_size,
         gradient_accumulation_steps=config.data.grad_accum,
@@ -155,7 +160,10 @@ def _synthesized_folder(path: Path, section: str, distribution: str | None, num:
             print(f"[drpose] synthesizing {num} {distribution} poses{picked} into {path}", flush=True)
             synthesize(path, num, distribution, seed, image_size, progress=True, fps_pool=fps_pool)
         ctx.barrier()
-    return DrPoseDataset(path)
+    try:
+        return DrPoseDataset(path)
+    except DatasetError as error:
+        raise ConfigError(f"{section}.path: {path}: {error}") from error
 
 
 def check_synthesized(dataset: DrPoseDataset, key: str, distribution: str, num: int, seed: int,
@@ -190,10 +198,68 @@ def prepare_preservation(config: TrainConfig, bundle: ModelBundle, ctx: Distribu
     return PreservationSet.from_folder(dataset_path, bundle.pipeline, bundle.rig, settings.seed, ctx.device, dtype)
 
 
-def train(config: TrainConfig, resume: str | None = None) -> dict:
+def claim_output(config: TrainConfig, ctx: DistributedContext, resume: str | None,
+                 overwrite: bool) -> tuple[run_folder.RunLock | None, Path | None, dict]:
+    """Rank 0 locks ``run.output_dir``, checks what it holds and the checkpoint ``--resume`` names, and writes the
+    run's config.yaml; every rank gets (rank 0's lock, the checkpoint to resume from or None, the settings changed
+    since it) or rank 0's error."""
+    lock, result, error = None, (None, {}), None
+    if ctx.is_main:
+        try:
+            lock, contents = run_folder.claim(config.run.output_dir, resume is not None, overwrite)
+            if lock.note:
+                print(f"[drpose] {lock.note}", flush=True)
+            if resume:
+                folder = checkpoints.resolve_resume(config, resume, run_started=bool(contents or lock.stale))
+                if folder is None:
+                    print(f"[drpose] --resume {resume}: no checkpoint yet in {config.run.output_dir}; starting "
+                          f"again at step 0", flush=True)
+                else:
+                    step = checkpoints.read_info(folder)["step"]
+                    if step > config.run.max_steps:
+                        raise ConfigError(f"run.max_steps={config.run.max_steps} is below the step of {folder} "
+                                          f"({step}); raise run.max_steps to continue that run")
+                    result = (folder, checkpoints.changed_settings(config, folder))
+                (Path(config.run.output_dir) / "summary.json").unlink(missing_ok=True)
+            (Path(config.run.output_dir) / "config.yaml").write_text(resolved_yaml(config))
+        except ConfigError as caught:
+            error = caught
+            if lock is not None:
+                lock.release()
+                lock = None
+    if ctx.any(error is not None):
+        raise error if error is not None else ConfigError("rank 0 could not start the run (see its message)")
+    folder, changes = ctx.share(result)
+    return lock, folder, changes
+
+
+def describe_resume(folder: Path, step: int, config: TrainConfig, changes: dict) -> str:
+    """What a resumed run takes from the checkpoint and what from the config."""
+    changed = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()]
+    return (f"[drpose] resumed from {folder} at step {step} of {config.run.max_steps}\n"
+            f"[drpose]   from the checkpoint: the LoRA weights, the optimizer moments and the step (data order, noise "
+            f"and plans follow from run.seed and the step)\n"
+            f"[drpose]   from the config: every setting, learning rate, warm-up, weight decay and run.max_steps "
+            f"included; " + (f"changed since the checkpoint, applied from step {step + 1}: {'; '.join(changed)}"
+                             if changed else "none changed since the checkpoint"))
+
+
+def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
+    """Train with ``config``; ``resume``: continue the run in ``run.output_dir`` ("latest", a step or a
+    checkpoint folder); ``overwrite``: delete the run there and start again."""
+    ctx = setup_distributed()
+    check_files(config)
+    lock, resume_from, changes = claim_output(config, ctx, resume, overwrite)
+    try:
+        return _train(config, ctx, resume_from, changes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | None, changes: dict) -> dict:
     import deepspeed
 
-    ctx = setup_distributed()
     torch.manual_seed(config.run.seed)
     dtype = run_dtype(config, ctx.device)
     bundle = load_bundle(config, ctx.device, dtype)
@@ -213,20 +279,20 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     )
 
     start_step, last_checkpoint = 0, None
-    if resume:
-        root, tag = checkpoints.resolve_resume(config, resume)
-        checkpoints.check_compatible(config, root / tag)
-        _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
-        if client_state is None:
-            raise ConfigError(f"could not load {root / tag}; it may be incomplete: resume from an earlier checkpoint")
-        start_step, last_checkpoint = int(client_state["step"]), root / tag
+    if resume_from is not None:
+        client_state = checkpoints.load(engine, resume_from)
+        checkpoints.apply_optimizer_settings(scheduler, config)
+        start_step, last_checkpoint = int(client_state["step"]), resume_from
         if ctx.is_main:
-            print(f"[drpose] resumed from {last_checkpoint} at step {start_step}", flush=True)
+            moved = checkpoints.supersede_later(resume_from.parent, start_step)
+            if moved:
+                print(f"[drpose] moved the checkpoints after step {start_step} (of the run's abandoned later steps) "
+                      f"to {moved[0].parent}", flush=True)
+            print(describe_resume(resume_from, start_step, config, changes), flush=True)
+    # the checkpoint of the weights the next step starts from, until that step's loss is known to be finite
+    pending = last_checkpoint
 
     output_dir = Path(config.run.output_dir)
-    if ctx.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(resolved_yaml(config))
     log = MetricsLog(output_dir, ctx.is_main, start_step)
     layout = BatchLayout(config.data.batch_size, config.data.grad_accum, ctx.world_size)
     stream = SampleStream(len(dataset), config.run.seed)
@@ -238,13 +304,25 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
                            preserve, config.preserve.weight, config.preserve.target, dtype)
     noise_shape = (2, bundle.num_views, *bundle.latent_shape)
 
+    def last_good_advice() -> str:
+        good = checkpoints.last_good(checkpoints.checkpoint_root(config))
+        if good is None:
+            return ("Last good checkpoint: none (no checkpoint's weights were followed by a finite loss). Fix the "
+                    "cause (e.g. a smaller optim.lr) and start again with --overwrite")
+        return (f"Last good checkpoint: {good}. Fix the cause (e.g. a smaller optim.lr, the data, the precision) and "
+                f"continue from it with --resume {checkpoints.read_info(good)['step']}")
+
     def stop_if_not_finite(result: StepResult) -> None:
         if ctx.any(not torch.isfinite(result.loss).item()):
-            where = last_checkpoint or "none (no checkpoint was written yet)"
+            if ctx.is_main and pending is not None and checkpoints.read_info(pending)["step"] == step:
+                checkpoints.record_next_loss(pending, False)
+            ctx.barrier()
             raise TrainingStopped(
                 f"non-finite loss at step {step + 1} (reward {result.reward.detach().float().mean().item()}, kl "
-                f"{result.kl.item()}); stopped without updating the weights. Last good checkpoint: {where}. Fix the "
-                f"cause (data, learning rate, precision) and continue with --resume latest")
+                f"{result.kl.item()}); stopped without updating the weights. {last_good_advice()}")
+
+    def weights_finite() -> bool:
+        return not ctx.any(not all(torch.isfinite(getattr(p, "ds_tensor", p)).all().item() for p in lora_params))
 
     started = time.perf_counter()
     bar = tqdm(range(start_step, config.run.max_steps), initial=start_step, total=config.run.max_steps,
@@ -253,6 +331,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
         step_started = time.perf_counter()
         baseline = reset_peak(ctx.device)
         totals = [0.0, 0.0, 0.0, 0.0]
+        lr = scheduler.optimizer.param_groups[0]["lr"]  # the learning rate this step's update uses
         for micro_step in range(config.data.grad_accum):
             positions = layout.positions(step, micro_step, ctx.rank)
             items = collate(dataset, [stream.index(p) for p in positions])
@@ -263,6 +342,10 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
             result = train_step(step_model, batch, plan, backward=engine.backward, guard=stop_if_not_finite)
             engine.step()
             totals = [a + b for a, b in zip(totals, result.scalars())]
+        if pending is not None:  # this step's loss, from the weights of ``pending``, was finite
+            if ctx.is_main and checkpoints.read_info(pending)["step"] == step:
+                checkpoints.record_next_loss(pending, True)
+            pending = None
         step_time = time.perf_counter() - step_started
         peak, _ = read_peak(ctx.device, baseline)
         reward_mean, kl_mean, loss_mean, preserve_mean = ctx.mean([t / config.data.grad_accum for t in totals])
@@ -271,14 +354,20 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
             "reward": reward_mean, "kl": kl_mean, "loss": loss_mean,
             **({"preserve_loss": preserve_mean} if preserve is not None else {}),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": scheduler.get_last_lr()[0], "step_time_s": step_time,
+            "lr": lr, "step_time_s": step_time,
             "samples_per_s": layout.global_batch / step_time, "peak_memory_mb": peak / 2**20,
         }
         if (step + 1) % config.run.log_every == 0 or step + 1 == config.run.max_steps:
             log.log(step + 1, metrics)
         bar.set_postfix(reward=f"{reward_mean:.4f}", kl=f"{kl_mean:.2e}", refresh=False)
         if (step + 1) % config.run.checkpoint_every == 0 or step + 1 == config.run.max_steps:
-            last_checkpoint = checkpoints.save(engine, config, step + 1, {"step": step + 1}, ctx.is_main, ctx.barrier)
+            finite = weights_finite()
+            last_checkpoint = checkpoints.save(engine, config, step + 1, {"step": step + 1}, finite, ctx.is_main,
+                                               ctx.barrier)
+            pending = last_checkpoint
+            if not finite:
+                raise TrainingStopped(f"the weights after step {step + 1} are not finite (saved, marked so, in "
+                                      f"{last_checkpoint}). {last_good_advice()}")
 
     lora_path = export_lora(unet, output_dir / "lora", is_main_process=ctx.is_main)
     log.close()
