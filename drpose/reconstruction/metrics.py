@@ -32,13 +32,20 @@ SURFACE_METRICS = ("chamfer", "p2s", "s2p", "normal_consistency", "fscore@1cm", 
 
 
 def closest_on_mesh(mesh: trimesh.Trimesh, points: np.ndarray, candidates: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Exact distance (N,) from ``points`` to the mesh surface and the index (N,) of the nearest triangle.
+    """Exact distance (N,) from ``points`` to the mesh surface and the unit normal (N, 3) of the nearest triangle.
 
-    Candidate triangles come from a k-d tree over triangle centroids; a point is settled once no
-    triangle beyond its candidates can be nearer (the k-th centroid distance minus the largest
-    centroid-to-corner distance exceeds the best distance found), otherwise it is retried with more.
+    Candidate triangles come from a k-d tree over triangle centroids; a point is settled once no triangle
+    beyond its candidates can be nearer (the k-th centroid distance minus the largest centroid-to-corner
+    distance exceeds the best distance found), otherwise it is retried with more candidates. Triangles much
+    longer than the typical edge are first split (the surface is the same) so that bound stays tight.
     """
-    triangles = mesh.triangles
+    vertices, faces = mesh.vertices, mesh.faces
+    edges = np.linalg.norm(vertices[faces] - vertices[np.roll(faces, 1, 1)], axis=-1)
+    typical = float(np.median(edges))
+    if edges.max() > 4 * typical:
+        vertices, faces = trimesh.remesh.subdivide_to_size(vertices, faces, max_edge=2 * typical)
+    triangles = vertices[faces]
+    normals = trimesh.triangles.normals(triangles)[0]
     centroids = triangles.mean(1)
     reach = np.linalg.norm(triangles - centroids[:, None], axis=-1).max()
     tree = cKDTree(centroids)
@@ -48,19 +55,21 @@ def closest_on_mesh(mesh: trimesh.Trimesh, points: np.ndarray, candidates: int =
     todo = np.arange(len(points))
     k = min(candidates, len(triangles))
     while len(todo):
-        centroid_distance, index = tree.query(points[todo], k=k)
-        centroid_distance, index = centroid_distance.reshape(len(todo), k), index.reshape(len(todo), k)
-        closest = trimesh.triangles.closest_point(triangles[index.ravel()], np.repeat(points[todo], k, 0))
-        gaps = np.linalg.norm(closest - np.repeat(points[todo], k, 0), axis=-1).reshape(len(todo), k)
-        best = gaps.argmin(-1)
-        distance[todo] = gaps[np.arange(len(todo)), best]
-        nearest[todo] = index[np.arange(len(todo)), best]
-        if k == len(triangles):
-            break
-        settled = centroid_distance[:, -1] - reach > distance[todo]
-        todo = todo[~settled]
+        unsettled = []
+        for chunk in np.array_split(todo, max(1, len(todo) * k // 1_000_000)):
+            centroid_distance, index = tree.query(points[chunk], k=k)
+            centroid_distance, index = centroid_distance.reshape(len(chunk), k), index.reshape(len(chunk), k)
+            queried = np.repeat(points[chunk], k, 0)
+            closest = trimesh.triangles.closest_point(triangles[index.ravel()], queried)
+            gaps = np.linalg.norm(closest - queried, axis=-1).reshape(len(chunk), k)
+            best = gaps.argmin(-1)
+            distance[chunk] = gaps[np.arange(len(chunk)), best]
+            nearest[chunk] = index[np.arange(len(chunk)), best]
+            if k < len(triangles):
+                unsettled.append(chunk[centroid_distance[:, -1] - reach <= distance[chunk]])
+        todo = np.concatenate(unsettled) if unsettled else np.arange(0)
         k = min(4 * k, len(triangles))
-    return distance, nearest
+    return distance, normals[nearest]
 
 
 def sample_mesh(mesh: trimesh.Trimesh, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -78,11 +87,11 @@ def surface_metrics(mesh: trimesh.Trimesh, truth: CapsuleSurface, num_samples: i
     mesh_points, mesh_normals = sample_mesh(mesh, num_samples, seed)
     truth_points, truth_normals = truth.sample(num_samples, seed)
     to_truth, truth_normal_at = truth.distance(mesh_points)
-    to_mesh, face = closest_on_mesh(mesh, truth_points)
+    to_mesh, mesh_normal_at = closest_on_mesh(mesh, truth_points)
     to_truth, to_mesh = to_truth * unit_cm, to_mesh * unit_cm
     p2s, s2p = float(to_truth.mean()), float(to_mesh.mean())
     consistency = 0.5 * (np.einsum("nd,nd->n", mesh_normals, truth_normal_at).mean()
-                         + np.einsum("nd,nd->n", truth_normals, mesh.face_normals[face]).mean())
+                         + np.einsum("nd,nd->n", truth_normals, mesh_normal_at).mean())
     metrics = {"chamfer": 0.5 * (p2s + s2p), "p2s": p2s, "s2p": s2p, "normal_consistency": float(consistency)}
     for threshold in FSCORE_THRESHOLDS_CM:
         precision, recall = float((to_truth < threshold).mean()), float((to_mesh < threshold).mean())

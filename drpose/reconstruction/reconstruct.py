@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import trimesh
+from scipy import ndimage
 
 from drpose.cameras import Framing
 from drpose.models.rig import ViewRig
@@ -123,11 +124,41 @@ def reconstruct_views(rgb: np.ndarray, normal_maps: np.ndarray, geometry: ViewGe
             mask = raster.mask & (silhouettes[view] >= 0.5)
             depths.append(recover_depth(observed[view], raster.depth, hull_normal, mask, geometry.pixel_size,
                                         settings.carving))
-        values = carve_with_depth(values, points, geometry, depths, geometry.pixel_size, settings.carving)
+        carved = carve_with_depth(values, points, geometry, depths, geometry.pixel_size, settings.carving)
+        values = keep_silhouettes(values, carved, grid, points, silhouettes, geometry, settings.min_piece)
     mesh = extract_mesh(values.reshape(grid.shape), grid, settings.min_piece, settings.smoothing)
     colours = vertex_colours(mesh, rgb, geometry)
     mesh.visual.vertex_colors = np.concatenate([np.rint(colours * 255), np.full((len(colours), 1), 255)], 1).astype(np.uint8)
     return mesh, silhouettes
+
+
+def keep_silhouettes(hull: np.ndarray, carved: np.ndarray, grid, points: np.ndarray, silhouettes: np.ndarray,
+                     geometry: ViewGeometry, min_piece: float, rounds: int = 2) -> np.ndarray:
+    """Undo carving that a silhouette contradicts: the truth covers every silhouette, so where the carved shape
+    no longer covers a silhouette pixel, the voxels carved along that pixel's ray go back to the hull's values."""
+    values = carved
+    camera = geometry.to_camera(points)
+    pixels = [np.rint(geometry.pixels(camera[view])).astype(np.int64) for view in range(len(silhouettes))]
+    size = geometry.size
+    for _ in range(rounds):
+        was_carved = values < hull - 1e-6
+        if not was_carved.any() or values.max() < 0.5:
+            break
+        mesh = extract_mesh(values.reshape(grid.shape), grid, min_piece, smoothing=0)
+        restore = np.zeros(len(points), dtype=bool)
+        mesh_camera = geometry.to_camera(mesh.vertices)
+        for view, silhouette in enumerate(silhouettes):
+            covered = rasterize(mesh_camera[view], mesh.faces, size).mask
+            lost = ndimage.binary_dilation((silhouette >= 0.5) & ~covered)
+            x, y = pixels[view][:, 0], pixels[view][:, 1]
+            inside = (x >= 0) & (x < size) & (y >= 0) & (y < size)
+            hit = np.zeros(len(points), dtype=bool)
+            hit[inside] = lost[y[inside], x[inside]]
+            restore |= hit & was_carved
+        if not restore.any():
+            break
+        values = np.where(restore, hull, values)
+    return values
 
 
 def _framings(rig: ViewRig, count: int, joints, framing: Framing | None) -> Framing | None:

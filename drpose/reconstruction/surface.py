@@ -7,7 +7,8 @@ no other capsule. :class:`CapsuleSurface` gives
 * :meth:`~CapsuleSurface.sample`: points uniformly distributed over that surface (by area), with their
   outward normals: each capsule's surface is sampled uniformly (cylinder side and the two hemispherical caps
   in proportion to their areas), points inside another capsule are dropped, so what is left is uniform on the
-  union's boundary;
+  union's boundary (surfaces that coincide, as two collinear capsules of one radius have, would count
+  twice: a case of zero measure for bodies);
 * :meth:`~CapsuleSurface.distance`: the unsigned distance of any point to the surface, with the surface
   normal at the nearest point. Outside the body it is exact (``min_k |p - [a_k, b_k]| - r_k``); inside, it is
   the distance to the nearest capsule surface point that lies on the boundary, found among each capsule's own
@@ -127,7 +128,9 @@ class CapsuleSurface:
             points.append(p[keep])
             normals.append(n[keep])
             kept += int(keep.sum())
-        return np.concatenate(points)[:count], np.concatenate(normals)[:count]
+        # Candidates come capsule by capsule: shuffle before keeping ``count`` so no capsule is cut short.
+        order = rng.permutation(kept)[:count]
+        return np.concatenate(points)[order], np.concatenate(normals)[order]
 
     def area(self, samples: int = 200000, seed: int = 0) -> float:
         """The surface's area, estimated as the share of capsule-surface samples that lie on the boundary."""

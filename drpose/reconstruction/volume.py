@@ -14,7 +14,8 @@ orthographic view. Occupancy values are in [0, 1], the surface at 0.5.
   normal map agree (there the hull is the surface), loosely elsewhere, and never in front of the hull (an
   active set: where a solution comes out in front it is pinned to the hull and solved again). Voxels in front
   of that surface are carved away, only where the hull disagrees with the normals and at most
-  ``max_carve_px`` pixel sizes deep (a wrong depth edge must not cut a limb off).
+  ``max_carve_px`` pixel sizes deep (a wrong depth edge must not cut a limb off); carving that leaves a
+  silhouette pixel uncovered is undone (:func:`drpose.reconstruction.reconstruct.keep_silhouettes`).
 """
 
 from __future__ import annotations
