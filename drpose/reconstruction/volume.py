@@ -42,13 +42,16 @@ class ViewGeometry:
 
     def to_camera(self, points: np.ndarray) -> np.ndarray:
         """Normalised world points (N, 3) -> camera coordinates (V, N, 3)."""
-        return np.stack([points @ rotation.T for rotation in self.rotations])
+        return np.matmul(points[None], self.rotations.transpose(0, 2, 1))
 
     def pixels(self, camera_points: np.ndarray) -> np.ndarray:
         """Camera coordinates (..., 3) -> pixel (column, row) coordinates (..., 2)."""
-        size = self.size
-        return np.stack([(camera_points[..., 0] + 1.0) * size / 2 - 0.5,
-                         (1.0 - camera_points[..., 1]) * size / 2 - 0.5], -1)
+        half = self.size / 2
+        out = np.empty(camera_points.shape[:-1] + (2,))
+        np.multiply(camera_points[..., 0] + 1.0, half, out=out[..., 0])
+        np.multiply(1.0 - camera_points[..., 1], half, out=out[..., 1])
+        out -= 0.5
+        return out
 
     @property
     def pixel_size(self) -> float:
