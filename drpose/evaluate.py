@@ -181,7 +181,7 @@ def main(argv=None) -> int:
                          f"true surface to score meshes against (use --no-reconstruction)")
     unet = load_model(bundle, args.checkpoint)
     outputs = run_model(bundle, unet, images, joints, args.steps, args.seed, estimator=estimator,
-                        keep_normals=reconstruction)
+                        keep_normals=list(range(args.reconstruction_num)) if reconstruction else False)
     metrics = summarize(outputs, bundle.image_size, bundle.rig.view_names)
     metrics["keypoints_from"] = "decoded images (part colours)" if estimator else "g_skel (the reward model)"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -86,15 +86,14 @@ def spread_over_families(families: list[str], count: int) -> list[int]:
     return sorted(picked)
 
 
-def reconstruction_section(joints: torch.Tensor, runs: dict[str, EvaluationOutputs], families: list[str], rig,
-                           size: int, count: int, figure: Path | None) -> dict:
-    """Reconstruction summaries of every model (``"models"``) and of the oracle on ``count`` samples spread over
-    the families (``"samples"``: their indices), per family too, the wall time taken and the figure of meshes."""
+def reconstruction_section(joints: torch.Tensor, runs: dict[str, EvaluationOutputs], picked: list[int],
+                           families: list[str], rig, size: int, figure: Path | None) -> dict:
+    """Reconstruction summaries of every model (``"models"``) and of the oracle on the samples ``picked``
+    (``"samples"``), per family too, the wall time taken and the figure of meshes."""
     from drpose.evaluation.metrics_run import oracle_reconstruction_scores, reconstruction_scores
     from drpose.reconstruction.evaluation import mesh_comparison, truth_mesh
 
     start = time.perf_counter()
-    picked = spread_over_families(families, count)
     scores = {model: reconstruction_scores(outputs, rig, picked) for model, outputs in runs.items()}
     oracle = oracle_reconstruction_scores(joints[picked], rig, size)
     by_family = {}
@@ -124,23 +123,24 @@ def build_report(run_dir: Path, out: Path, num: int, steps: int, seed: int, reco
         joints = joints_from_params(sample_poses(set_name, num, HELD_OUT_SEEDS[set_name]))
         truth = render_bodies(joints, rig.cameras, size, framing=rig.frame(joints)).rgb  # (B, 6, 3, R, R)
         images = (truth[:, 0] * 255).round() / 255
+        families = pose_families(set_name, num, HELD_OUT_SEEDS[set_name])
+        picked = spread_over_families(families, reconstruction_num) if reconstruction else False
         runs = {}
         for model in MODELS:
             print(f"[report] {model} on held-out {set_name} ({num} samples, {steps} DDIM steps)", flush=True)
             with adapters_disabled(unet) if model == "base" else contextlib.nullcontext():
-                runs[model] = run_model(bundle, unet, images, joints, steps, seed, keep_normals=reconstruction)
+                runs[model] = run_model(bundle, unet, images, joints, steps, seed, keep_normals=picked)
         results[set_name] = {model: summarize(o, size, rig.view_names) for model, o in runs.items()}
-        families = pose_families(set_name, num, HELD_OUT_SEEDS[set_name])
         if len(set(families)) > 1:
             by_family[set_name] = family_breakdown(runs, families, size, rig.view_names)
         rows = comparison_rows(truth, runs["base"].truth2d, runs, min(FIGURE_SAMPLES, num))
         figures[f"{set_name}_views"] = keypoint_grid(rows, rig.view_names, out / f"{set_name}_views.png",
                                                      title=f"held-out {set_name} poses")
         if reconstruction:
-            print(f"[report] 3D reconstruction of {min(reconstruction_num, num)} {set_name} samples (base, fine-tuned "
-                  f"and the oracle)", flush=True)
+            print(f"[report] 3D reconstruction of {set_name} samples {picked} (base, fine-tuned and the oracle)",
+                  flush=True)
             figures[f"{set_name}_meshes"] = out / f"{set_name}_meshes.png"
-            recon[set_name] = reconstruction_section(joints, runs, families, rig, size, reconstruction_num,
+            recon[set_name] = reconstruction_section(joints, runs, picked, families, rig, size,
                                                      figures[f"{set_name}_meshes"])
             for model, summary in recon[set_name].pop("models").items():
                 results[set_name][model]["reconstruction"] = summary

@@ -262,6 +262,9 @@ def test_reconstruction_scores_read_the_evaluators_camera_images_as_the_oracle_d
     assert {k: v for k, v in scored.metrics.items() if k != "seconds"} == {
         k: v for k, v in oracle.metrics.items() if k != "seconds"}
     assert scored.metrics["chamfer"] < ORACLE_BOUND_CM
+    outputs.generated_normal[0] = math.nan  # as run_model leaves the samples whose normals it was not asked for
+    with pytest.raises(ValueError, match=r"samples \[0\]: their normal views were not decoded"):
+        reconstruction_scores(outputs, rig, [0, 1])
 
 
 def test_evaluate_command_scores_reconstructions_against_the_oracle(tmp_path, capsys):

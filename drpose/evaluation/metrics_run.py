@@ -44,6 +44,7 @@ class EvaluationOutputs:
     truth3d: torch.Tensor  # (B, 22, 3)
     pose_score: torch.Tensor  # (B,)
     generated_normal: torch.Tensor | None = None  # (B, V, 3, R, R) decoded normal views (camera images), on request
+    # (NaN for the samples not requested)
 
     def select(self, index: torch.Tensor) -> EvaluationOutputs:
         """The samples at ``index`` (a boolean mask or indices over B)."""
@@ -54,10 +55,10 @@ class EvaluationOutputs:
 @torch.no_grad()
 def run_model(bundle: ModelBundle, unet, images: torch.Tensor, joints: torch.Tensor, num_steps: int, seed: int,
               chunk: int = 8, show_progress: bool = True, estimator: bool = True,
-              keep_normals: bool = False) -> EvaluationOutputs:
+              keep_normals: bool | list[int] = False) -> EvaluationOutputs:
     """Generate with ``unet`` (the bundle's, or one with adapters) from front images (B, 3, R, R) of bodies
-    with joints (B, 22, 3) and measure the body views; ``keep_normals`` also decodes the normal views (for the
-    3D reconstruction)."""
+    with joints (B, 22, 3) and measure the body views; ``keep_normals`` (True, or the indices of the samples
+    wanted) also decodes the normal views, for the 3D reconstruction."""
     from drpose.g_skel_train import predicted_keypoints
 
     pipeline, rig = bundle.pipeline, bundle.rig
@@ -66,6 +67,7 @@ def run_model(bundle: ModelBundle, unet, images: torch.Tensor, joints: torch.Ten
     reward = PoseReward.from_bundle(bundle, backend="auto")
     parts = []
     starts = range(0, images.shape[0], chunk)
+    wanted = set(range(images.shape[0])) if keep_normals is True else set(keep_normals or ())
     for index, start in enumerate(tqdm(starts, desc="evaluating", disable=not show_progress, mininterval=2)):
         image, joint = images[start : start + chunk], joints[start : start + chunk]
         framing = rig.frame(joint)
@@ -87,9 +89,13 @@ def run_model(bundle: ModelBundle, unet, images: torch.Tensor, joints: torch.Ten
             per_view = rig.as_camera(read, size)
             joints3d = rig.cameras.triangulate(per_view, visible.float(), size, framing)
         normal = None
-        if keep_normals:
-            body_normal = latents[:, NORMAL, :NUM_BODY_VIEWS]
-            normal = rig.unmirror(pipeline.decode_latents(body_normal.flatten(0, 1)).view(*body_normal.shape[:2], 3, size, size))
+        if keep_normals is not False:
+            normal = torch.full_like(rgb, float("nan"))
+            local = [i for i in range(len(image)) if start + i in wanted]
+            if local:
+                body_normal = latents[local, NORMAL, :NUM_BODY_VIEWS]
+                decoded = pipeline.decode_latents(body_normal.flatten(0, 1)).view(*body_normal.shape[:2], 3, size, size)
+                normal[local] = rig.unmirror(decoded).to(normal.dtype)
         parts.append(EvaluationOutputs(rgb, per_view, truth2d, visible, joints3d, joint, score, normal))
     return EvaluationOutputs(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
                                for f in EvaluationOutputs.__dataclass_fields__))
@@ -103,6 +109,9 @@ def reconstruction_scores(outputs: EvaluationOutputs, rig, picked: list[int] | N
     if outputs.generated_normal is None:
         raise ValueError("the evaluation kept no normal views: run the model with keep_normals=True")
     picked = list(range(len(outputs.truth3d))) if picked is None else list(picked)
+    missing = [i for i in picked if not torch.isfinite(outputs.generated_normal[i]).all()]
+    if missing:
+        raise ValueError(f"samples {missing}: their normal views were not decoded (keep_normals named other samples)")
     # the outputs hold camera images; the reconstruction reads the model's layout (mirrored views as generated)
     return score_batch(rig.mirror(outputs.generated_rgb[picked]), rig.mirror(outputs.generated_normal[picked]),
                        outputs.truth3d[picked], rig, num_samples=num_samples)
