@@ -101,8 +101,9 @@ def reconstruction_section(joints: torch.Tensor, runs: dict[str, EvaluationOutpu
     if len(set(kinds)) > 1:
         for family in dict.fromkeys(kinds):
             mask = np.array([f == family for f in kinds])
-            by_family[family] = {model: {k: v for k, v in s.select(mask).summary().items() if k in RECONSTRUCTION_FAMILY_METRICS}
-                                 for model, s in {**scores, "oracle": oracle}.items()}
+            by_family[family] = {
+                model: {k: v for k, v in s.select(mask).summary().items() if k in RECONSTRUCTION_FAMILY_METRICS}
+                for model, s in {**scores, "oracle": oracle}.items()}
     if figure is not None:
         rows = [{"truth": truth_mesh(joints[i]), "oracle": oracle.meshes()[k],
                  **{model: s.meshes()[k] for model, s in scores.items()}}
@@ -187,9 +188,11 @@ def reconstruction_lines(results: dict, recon: dict) -> list[str]:
         if "reconstruction" not in models.get("base", {}):
             continue
         base, tuned = models["base"]["reconstruction"], models["finetuned"]["reconstruction"]
+        oracle = recon[set_name]["oracle"]
         lines.append(f"- **{set_name}**: Chamfer {base['chamfer']:.2f} -> {tuned['chamfer']:.2f} cm "
-                     f"({100 * (tuned['chamfer'] / base['chamfer'] - 1):+.1f}%; oracle {recon[set_name]['oracle']['chamfer']:.2f}); "
-                     f"F@2cm {base['fscore@2cm']:.3f} -> {tuned['fscore@2cm']:.3f}; PSNR {base['psnr']:.2f} -> {tuned['psnr']:.2f} dB")
+                     f"({100 * (tuned['chamfer'] / base['chamfer'] - 1):+.1f}%; oracle {oracle['chamfer']:.2f}); "
+                     f"F@2cm {base['fscore@2cm']:.3f} -> {tuned['fscore@2cm']:.3f}; "
+                     f"PSNR {base['psnr']:.2f} -> {tuned['psnr']:.2f} dB")
     lines.append("")
     for set_name, section in recon.items():
         if not section["by_family"]:

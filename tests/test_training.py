@@ -216,8 +216,8 @@ def test_a_stale_synthesized_dataset_is_refused_by_name(dataset):
 def test_report_compares_base_and_finetuned_on_held_out_sets(reference_run, tmp_path):
     out = tmp_path / "report"
     result = subprocess.run([sys.executable, "-m", "drpose.report", "--run", str(reference_run), "--out", str(out),
-                             "--num", "2", "--steps", "2"], cwd=ROOT, env=environment(), capture_output=True, text=True,
-                            timeout=600)
+                             "--num", "2", "--steps", "2", "--reconstruction-num", "1"], cwd=ROOT, env=environment(),
+                            capture_output=True, text=True, timeout=600)
     check(result)
     report = json.loads((out / "report.json").read_text())
     for set_name in ("hard", "narrow"):
@@ -225,6 +225,11 @@ def test_report_compares_base_and_finetuned_on_held_out_sets(reference_run, tmp_
             metrics = report[set_name][model]
             assert {"pck@0.05", "pck@0.1", "mpjpe", "pa_mpjpe", "pose_score"} <= set(metrics)
     assert report["hard"]["base"]["pose_score"] != report["hard"]["finetuned"]["pose_score"]
-    for figure in ("reward_curve.png", "metrics.png", "hard_views.png", "narrow_views.png"):
+    for set_name in ("hard", "narrow"):  # one body per set carved into meshes, for both models and the oracle
+        assert report[set_name]["base"]["reconstruction"]["samples"] == 1
+        assert report["reconstruction"][set_name]["oracle"]["failures"] == 0
+    for figure in ("reward_curve.png", "metrics.png", "hard_views.png", "narrow_views.png", "hard_meshes.png",
+                   "narrow_meshes.png"):
         assert (out / figure).stat().st_size > 0, figure
-    assert "PCK@0.1" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "PCK@0.1" in text and "| hard | oracle (true renders) |" in text
