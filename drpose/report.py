@@ -1,7 +1,7 @@
 """The report of a DrPose run: base vs fine-tuned model on held-out ``hard`` and ``narrow`` poses.
 
     python -m drpose.report --run runs/demo [--out runs/demo] [--num 48] [--steps 10]
-                            [--reconstruction | --no-reconstruction] [--reconstruction-num 4]
+                            [--reconstruction | --no-reconstruction] [--reconstruction-num 3]
 
 Writes ``report.json`` (``{set: {"base": metrics, "finetuned": metrics}}`` plus ``by_family``: the same
 split by the kind of pose, e.g. ``hard``'s inversions, splits, bends and tumbles; and ``meta``), ``report.md``
@@ -69,9 +69,9 @@ def family_breakdown(runs: dict[str, EvaluationOutputs], families: list[str], im
 
 
 RECONSTRUCTION_FAMILY_METRICS = ("chamfer", "p2s", "s2p", "fscore@2cm", "failures", "samples")
-# Samples reconstructed per set by default: with both models and the oracle, 2 sets x 3 x 4 = 24 reconstructions,
-# about 90 s on a 2-core CPU machine at the tiny world's 72 px (README, "3D reconstruction").
-RECONSTRUCTION_NUM = 4
+# Samples reconstructed per set by default: with both models and the oracle, 2 sets x 3 x 3 = 18 reconstructions,
+# about 75 s on a 2-core CPU machine at the tiny world's 72 px (README, "3D reconstruction").
+RECONSTRUCTION_NUM = 3
 
 
 def spread_over_families(families: list[str], count: int) -> list[int]:
@@ -108,7 +108,8 @@ def reconstruction_section(joints: torch.Tensor, runs: dict[str, EvaluationOutpu
         rows = [{"truth": truth_mesh(joints[i]), "oracle": oracle.meshes()[k],
                  **{model: s.meshes()[k] for model, s in scores.items()}}
                 for k, i in enumerate(picked[:FIGURE_SAMPLES])]
-        mesh_comparison(rows, figure, title="reconstructed meshes: truth, oracle (true renders), base, fine-tuned")
+        mesh_comparison(rows, figure, title="reconstructed meshes: truth, oracle (true renders), base, fine-tuned",
+                        labels=[f"#{i} {families[i]}" for i in picked[:FIGURE_SAMPLES]])
     return {"models": {model: s.summary() for model, s in scores.items()}, "oracle": oracle.summary(),
             "by_family": by_family, "samples": picked, "seconds": time.perf_counter() - start}
 

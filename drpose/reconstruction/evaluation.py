@@ -83,9 +83,10 @@ def truth_mesh(joints, sections: int = 24) -> trimesh.Trimesh:
 
 
 def mesh_comparison(rows: list[dict[str, trimesh.Trimesh | None]], path: str | Path, angles: int = 3, size: int = 128,
-                    title: str = "") -> Path:
-    """One row per sample, one column group per named mesh (e.g. truth, base, fine-tuned), each seen from
-    ``angles`` azimuths; a missing mesh (failed reconstruction) is a blank labelled panel."""
+                    title: str = "", labels: list[str] | None = None) -> Path:
+    """One row per sample (labelled ``labels``, default ``#0, #1, ...``), one column group per named mesh (e.g.
+    truth, base, fine-tuned), each seen from ``angles`` azimuths; a missing mesh (failed reconstruction) is a
+    blank labelled panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +109,7 @@ def mesh_comparison(rows: list[dict[str, trimesh.Trimesh | None]], path: str | P
                 if r == 0 and a == 0:
                     axis.set_title(name, fontsize=8, loc="left")
                 if n == 0 and a == 0:
-                    axis.set_ylabel(f"#{r}", fontsize=7)
+                    axis.set_ylabel(labels[r] if labels else f"#{r}", fontsize=7)
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
