@@ -3,6 +3,7 @@
     python -m drpose.evaluate --checkpoint {base | RUN_DIR | LORA_DIR} --data {DIR | builtin:hard | builtin:narrow}
                               --out DIR [--num N] [--steps T] [--seed S]
                               [--pipeline DIR --g-skel DIR --prompt-embeds DIR] [--estimator auto|colours|none]
+                              [--reconstruction | --no-reconstruction] [--reconstruction-num N]
 
 The model: a training run folder evaluates what that run trained (the bundle its ``config.yaml`` names,
 with its ``lora/``); ``base`` or a LoRA folder evaluates the bundle given by ``--pipeline``/``--g-skel``
@@ -14,7 +15,11 @@ world's part colours (the independent evaluator); ``none`` measures what real da
 and g_skel's reading of the joints against the data's poses (the reward model's own view); ``auto``
 (default) takes ``colours`` for built-in sets and synthetic folders, else ``none``. Writes
 ``metrics.json``, ``metrics.md``, ``views.png`` (generated views with estimated vs true keypoints) and
-``metrics.png``.
+``metrics.png``. ``--reconstruction`` (default on where the true bodies are the tiny world's capsule bodies:
+built-in sets and synthetic folders) also carves the first ``--reconstruction-num`` samples' generated views into
+meshes and scores them against the true surface (Chamfer, P2S, normal consistency, F-score, render PSNR/SSIM;
+:mod:`drpose.reconstruction`), with the oracle (the same reconstruction from true renders), under
+``"reconstruction"`` / ``"reconstruction_oracle"`` of each set's metrics, and draws ``meshes.png``.
 """
 
 from __future__ import annotations
@@ -96,6 +101,41 @@ def write_figures(outputs: EvaluationOutputs, bundle: ModelBundle, out: Path, la
     return [keypoint_grid(rows, bundle.rig.view_names, out / "views.png", title=label)]
 
 
+RECONSTRUCTION_NUM = 8  # samples the evaluator reconstructs by default (each once more for the oracle)
+
+
+def reconstruction_table(results: dict[str, dict[str, dict]], oracles: dict[str, dict] | None = None) -> str:
+    """The reconstruction metrics of ``results[set][model]`` (where present) with each set's oracle row (from
+    ``oracles[set]``, or a model's ``"reconstruction_oracle"``)."""
+    from drpose.reconstruction.evaluation import TABLE_HEADER, markdown_rows
+
+    lines = list(TABLE_HEADER)
+    for set_name, models in results.items():
+        summaries = {model: m["reconstruction"] for model, m in models.items() if "reconstruction" in m}
+        oracle = (oracles or {}).get(set_name) or next(
+            (m["reconstruction_oracle"] for m in models.values() if "reconstruction_oracle" in m), None)
+        if oracle is not None:
+            summaries["oracle (true renders)"] = oracle
+        lines += markdown_rows(set_name, summaries)
+    return "\n".join(lines) + "\n"
+
+
+def add_reconstruction(metrics: dict, outputs: EvaluationOutputs, joints: torch.Tensor, bundle: ModelBundle, count: int,
+                       figure: Path | None = None, label: str = "generated") -> None:
+    """Reconstruct the first ``count`` samples (and the oracle), add their summaries to ``metrics``, draw meshes."""
+    from drpose.evaluation.metrics_run import oracle_reconstruction_scores, reconstruction_scores
+    from drpose.reconstruction.evaluation import mesh_comparison, truth_mesh
+
+    count = min(count, len(joints))
+    scores = reconstruction_scores(outputs, bundle.rig, list(range(count)))
+    oracle = oracle_reconstruction_scores(joints[:count], bundle.rig, bundle.image_size)
+    metrics["reconstruction"], metrics["reconstruction_oracle"] = scores.summary(), oracle.summary()
+    if figure is not None:
+        rows = [{"truth": truth_mesh(joints[i]), "oracle": oracle.meshes()[i], label: scores.meshes()[i]}
+                for i in range(min(3, count))]
+        mesh_comparison(rows, figure, title=f"{label}: reconstructed meshes vs the true body")
+
+
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
     """``results[set][model] = metrics`` as one Markdown table."""
     lines = ["| set | model | PCK@0.05 | PCK@0.1 | mean px error | MPJPE (mm) | PA-MPJPE (mm) | PoseScore | samples |",
@@ -119,7 +159,14 @@ def main(argv=None) -> int:
     parser.add_argument("--g-skel", type=Path, default=None, help="g_skel folder (default: the tiny world's)")
     parser.add_argument("--prompt-embeds", type=Path, default=None, help="PSHuman's prompt-embedding folder")
     parser.add_argument("--estimator", choices=("auto", "colours", "none"), default="auto")
+    parser.add_argument("--reconstruction", action=argparse.BooleanOptionalAction, default=None,
+                        help="3D reconstruction metrics (default: on for capsule bodies: built-in and synthetic sets)")
+    parser.add_argument("--reconstruction-num", type=int, default=RECONSTRUCTION_NUM,
+                        help=f"samples reconstructed (default {RECONSTRUCTION_NUM}; a few seconds each on a CPU core)")
     args = parser.parse_args(argv)
+    if args.reconstruction_num < 1:
+        parser.error(f"--reconstruction-num {args.reconstruction_num}: reconstruct at least one sample "
+                     f"(or --no-reconstruction)")
 
     checkpoint = Path(args.checkpoint)
     if args.checkpoint != "base" and (checkpoint / "config.yaml").is_file():
@@ -128,19 +175,32 @@ def main(argv=None) -> int:
         bundle = ModelBundle.load(args.pipeline, args.g_skel, args.prompt_embeds)
     images, joints, synthetic = load_evaluation_set(bundle, args.data, args.num)
     estimator = synthetic if args.estimator == "auto" else args.estimator == "colours"
+    reconstruction = synthetic if args.reconstruction is None else args.reconstruction
+    if reconstruction and not synthetic:
+        raise SystemExit(f"--reconstruction: {args.data} is not made of the tiny world's capsule bodies, so there is no "
+                         f"true surface to score meshes against (use --no-reconstruction)")
     unet = load_model(bundle, args.checkpoint)
-    outputs = run_model(bundle, unet, images, joints, args.steps, args.seed, estimator=estimator)
+    outputs = run_model(bundle, unet, images, joints, args.steps, args.seed, estimator=estimator,
+                        keep_normals=list(range(args.reconstruction_num)) if reconstruction else False)
     metrics = summarize(outputs, bundle.image_size, bundle.rig.view_names)
     metrics["keypoints_from"] = "decoded images (part colours)" if estimator else "g_skel (the reward model)"
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.data.split(":", 1)[1] if args.data.startswith("builtin:") else Path(args.data).name
+    if reconstruction:
+        add_reconstruction(metrics, outputs, joints, bundle, args.reconstruction_num, args.out / "meshes.png",
+                           args.checkpoint)
     results = {name: {args.checkpoint: metrics}}
     (args.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "metrics.md").write_text(markdown_table(results) + f"\nKeypoints read from: {metrics['keypoints_from']}\n")
+    (args.out / "metrics.md").write_text(markdown_table(results) + f"\nKeypoints read from: {metrics['keypoints_from']}\n"
+                                         + ("\n3D reconstruction (Chamfer etc. in cm):\n\n" + reconstruction_table(results)
+                                            if reconstruction else ""))
     write_figures(outputs, bundle, args.out, f"{args.checkpoint} on {name}")
     metric_bars(results, args.out / "metrics.png")
     print(markdown_table(results))
-    print(f"[evaluate] wrote {args.out}/metrics.json, metrics.md, views.png, metrics.png")
+    if reconstruction:
+        print(reconstruction_table(results))
+    print(f"[evaluate] wrote {args.out}/metrics.json, metrics.md, views.png, metrics.png"
+          + (", meshes.png" if reconstruction else ""))
     return 0
 
 

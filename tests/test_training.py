@@ -594,12 +594,19 @@ def test_world_run_trains_with_preservation_and_reports(world_run, tmp_path):
     rows = read_metrics(world_run)
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["preserve_loss"] > 0
     result = subprocess.run([sys.executable, "-m", "drpose.report", "--run", str(world_run), "--out", str(tmp_path),
-                             "--num", "2", "--steps", "2"], cwd=ROOT, env=environment(), capture_output=True, text=True,
-                            timeout=900)
+                             "--num", "2", "--steps", "2", "--reconstruction-num", "1"], cwd=ROOT, env=environment(),
+                            capture_output=True, text=True, timeout=900)
     check(result)
     report = json.loads((tmp_path / "report.json").read_text())
     for set_name in ("hard", "narrow"):
         assert {"pck@0.1", "mpjpe", "pose_score"} <= set(report[set_name]["finetuned"])
+        # one body per set carved into meshes, for both models and the oracle
+        assert report[set_name]["base"]["reconstruction"]["samples"] == 1
+        assert report["reconstruction"][set_name]["oracle"]["failures"] == 0
+    for figure in ("reward_curve.png", "metrics.png", "hard_views.png", "narrow_views.png", "hard_meshes.png",
+                   "narrow_meshes.png"):
+        assert (tmp_path / figure).stat().st_size > 0, figure
+    assert "| hard | oracle (true renders) |" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow

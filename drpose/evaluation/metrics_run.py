@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from drpose.metrics import PCK_THRESHOLDS, keypoint_errors, mpjpe, pa_mpjpe, pck
 from drpose.models.bundle import ModelBundle
-from drpose.models.layout import COLOR, NUM_BODY_VIEWS, grid_to_rows
+from drpose.models.layout import COLOR, NORMAL, NUM_BODY_VIEWS, grid_to_rows
 from drpose.models.sampling import DDIMSampler, generate_views
 from drpose.reward import PoseReward
 from drpose.skeleton import BODY22_NAMES
@@ -43,17 +43,22 @@ class EvaluationOutputs:
     joints3d: torch.Tensor  # (B, 22, 3) triangulated estimate
     truth3d: torch.Tensor  # (B, 22, 3)
     pose_score: torch.Tensor  # (B,)
+    generated_normal: torch.Tensor | None = None  # (B, V, 3, R, R) decoded normal views (camera images), on request
+    # (NaN for the samples not requested)
 
     def select(self, index: torch.Tensor) -> EvaluationOutputs:
         """The samples at ``index`` (a boolean mask or indices over B)."""
-        return EvaluationOutputs(*(getattr(self, f)[index] for f in EvaluationOutputs.__dataclass_fields__))
+        return EvaluationOutputs(*(None if getattr(self, f) is None else getattr(self, f)[index]
+                                   for f in EvaluationOutputs.__dataclass_fields__))
 
 
 @torch.no_grad()
 def run_model(bundle: ModelBundle, unet, images: torch.Tensor, joints: torch.Tensor, num_steps: int, seed: int,
-              chunk: int = 8, show_progress: bool = True, estimator: bool = True) -> EvaluationOutputs:
+              chunk: int = 8, show_progress: bool = True, estimator: bool = True,
+              keep_normals: bool | list[int] = False) -> EvaluationOutputs:
     """Generate with ``unet`` (the bundle's, or one with adapters) from front images (B, 3, R, R) of bodies
-    with joints (B, 22, 3) and measure the body views."""
+    with joints (B, 22, 3) and measure the body views; ``keep_normals`` (True, or the indices of the samples
+    wanted) also decodes the normal views, for the 3D reconstruction."""
     from drpose.g_skel_train import predicted_keypoints
 
     pipeline, rig = bundle.pipeline, bundle.rig
@@ -62,6 +67,7 @@ def run_model(bundle: ModelBundle, unet, images: torch.Tensor, joints: torch.Ten
     reward = PoseReward.from_bundle(bundle, backend="auto")
     parts = []
     starts = range(0, images.shape[0], chunk)
+    wanted = set(range(images.shape[0])) if keep_normals is True else set(keep_normals or ())
     for index, start in enumerate(tqdm(starts, desc="evaluating", disable=not show_progress, mininterval=2)):
         image, joint = images[start : start + chunk], joints[start : start + chunk]
         framing = rig.frame(joint)
@@ -82,8 +88,42 @@ def run_model(bundle: ModelBundle, unet, images: torch.Tensor, joints: torch.Ten
             read = predicted_keypoints(bundle.g_skel, latents[:, :, :NUM_BODY_VIEWS], size)
             per_view = rig.as_camera(read, size)
             joints3d = rig.cameras.triangulate(per_view, visible.float(), size, framing)
-        parts.append(EvaluationOutputs(rgb, per_view, truth2d, visible, joints3d, joint, score))
-    return EvaluationOutputs(*(torch.cat([getattr(p, f) for p in parts]) for f in EvaluationOutputs.__dataclass_fields__))
+        normal = None
+        if keep_normals is not False:
+            normal = torch.full_like(rgb, float("nan"))
+            local = [i for i in range(len(image)) if start + i in wanted]
+            if local:
+                body_normal = latents[local, NORMAL, :NUM_BODY_VIEWS]
+                decoded = pipeline.decode_latents(body_normal.flatten(0, 1)).view(*body_normal.shape[:2], 3, size, size)
+                normal[local] = rig.unmirror(decoded).to(normal.dtype)
+        parts.append(EvaluationOutputs(rgb, per_view, truth2d, visible, joints3d, joint, score, normal))
+    return EvaluationOutputs(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                               for f in EvaluationOutputs.__dataclass_fields__))
+
+
+def reconstruction_scores(outputs: EvaluationOutputs, rig, picked: list[int] | None = None, num_samples: int = 5000):
+    """3D reconstruction of the generated views (run with ``keep_normals``) of the samples ``picked`` (indices;
+    default all), scored against their true capsule bodies: :class:`~drpose.reconstruction.evaluation.BatchScores`."""
+    from drpose.reconstruction.evaluation import score_batch
+
+    if outputs.generated_normal is None:
+        raise ValueError("the evaluation kept no normal views: run the model with keep_normals=True")
+    picked = list(range(len(outputs.truth3d))) if picked is None else list(picked)
+    missing = [i for i in picked if not torch.isfinite(outputs.generated_normal[i]).all()]
+    if missing:
+        raise ValueError(f"samples {missing}: their normal views were not decoded (keep_normals named other samples)")
+    # the outputs hold camera images; the reconstruction reads the model's layout (mirrored views as generated)
+    return score_batch(rig.mirror(outputs.generated_rgb[picked]), rig.mirror(outputs.generated_normal[picked]),
+                       outputs.truth3d[picked], rig, num_samples=num_samples)
+
+
+def oracle_reconstruction_scores(joints: torch.Tensor, rig, size: int, num_samples: int = 5000):
+    """The same reconstruction from the true renders of the bodies: the ceiling of the reconstruction metrics."""
+    from drpose.reconstruction import oracle_views
+    from drpose.reconstruction.evaluation import score_batch
+
+    rgb, normal = oracle_views(joints, rig, size)
+    return score_batch(rgb, normal, joints, rig, num_samples=num_samples)
 
 
 def summarize(outputs: EvaluationOutputs, image_size: int, view_names: tuple[str, ...]) -> dict:
