@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -220,50 +221,113 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def heatmap_divergence_fwd(logits, segments, sigma_tensor, sigma_value):
-    """Launch the forward kernel: (N, C) float32 row divergences."""
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch as the launchers decide it: kernel, grid, arguments and compile-time settings.
+
+    ``bytes`` is the launch's O(N*C*H*W) traffic (logits read, gradient written); ``elements`` the heatmap
+    elements it covers; ``tile`` the elements one program handles per step of its pixel loop.
+    """
+
+    name: str
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    bytes: int
+    elements: int
+    tile: int
+
+    def run(self):
+        return self.kernel[self.grid](*self.args, **self.constexprs)
+
+
+def forward_launch(logits, segments, sigma_tensor, sigma_value, out) -> KernelLaunch:
+    """The forward kernel's launch for canonical inputs (no data is read: meta tensors work)."""
     n, c, h, w = logits.shape
     n_rows, n_pixels = n * c, h * w
-    out = _new_output((n, c), logits.device, torch.float32)
-    if n_rows == 0:
-        return out
-    config = launch_config(n_rows, n_pixels)
+    config = launch_config(max(n_rows, 1), n_pixels)
     grid = (triton.cdiv(n_rows, config["BLOCK_R"]),)
+    args = (logits, segments, sigma_tensor if sigma_tensor is not None else segments, out,
+            n_rows, c, w, n_pixels, *logits.stride(), sigma_value, 1.0 / n_pixels)
+    constexprs = dict(HAS_SIGMA_TENSOR=sigma_tensor is not None, IS_FLAT=_is_flat(logits), **config)
+    return KernelLaunch("forward", _heatmap_divergence_fwd_kernel, grid, args, constexprs,
+                        bytes=logits.numel() * logits.element_size(), elements=logits.numel(),
+                        tile=config["BLOCK_R"] * config["BLOCK_P"])
+
+
+def backward_launch(grad_out, logits, segments, sigma_tensor, sigma_value, grad_logits, grad_segments,
+                    grad_sigma_rows, needs_logits_grad, needs_target_grad) -> KernelLaunch:
+    """The backward kernel's launch for canonical inputs (no data is read: meta tensors work)."""
+    n, c, h, w = logits.shape
+    n_rows, n_pixels = n * c, h * w
+    config = launch_config(max(n_rows, 1), n_pixels)
+    grid = (triton.cdiv(n_rows, config["BLOCK_R"]),)
+    args = (logits, segments, sigma_tensor if sigma_tensor is not None else segments, grad_out,
+            grad_logits if grad_logits is not None else grad_out,
+            grad_segments if grad_segments is not None else grad_out,
+            grad_sigma_rows if grad_sigma_rows is not None else grad_out,
+            n_rows, c, w, n_pixels, *logits.stride(), sigma_value, 1.0 / n_pixels)
+    constexprs = dict(HAS_SIGMA_TENSOR=sigma_tensor is not None, IS_FLAT=_is_flat(logits),
+                      NEEDS_LOGITS_GRAD=needs_logits_grad, NEEDS_TARGET_GRAD=needs_target_grad, **config)
+    per_pass = logits.numel() * logits.element_size()
+    return KernelLaunch("backward", _heatmap_divergence_bwd_kernel, grid, args, constexprs,
+                        bytes=per_pass * (2 if needs_logits_grad else 1), elements=logits.numel(),
+                        tile=config["BLOCK_R"] * config["BLOCK_P"])
+
+
+def heatmap_divergence_fwd(logits, segments, sigma_tensor, sigma_value):
+    """Launch the forward kernel: (N, C) float32 row divergences."""
+    n, c = logits.shape[:2]
+    out = _new_output((n, c), logits.device, torch.float32)
+    if n * c == 0:
+        return out
+    launch = forward_launch(logits, segments, sigma_tensor, sigma_value, out)
     with _device_guard(logits):
-        compiled = _heatmap_divergence_fwd_kernel[grid](
-            logits, segments, sigma_tensor if sigma_tensor is not None else segments, out,
-            n_rows, c, w, n_pixels, *logits.stride(), sigma_value, 1.0 / n_pixels,
-            HAS_SIGMA_TENSOR=sigma_tensor is not None, IS_FLAT=_is_flat(logits), **config,
-        )  # fmt: skip
-    _record_stats("heatmap_divergence_fwd", compiled, config)
+        compiled = launch.run()
+    _record_stats("heatmap_divergence_fwd", compiled, launch.constexprs)
     return out
 
 
 def heatmap_divergence_bwd(grad_out, logits, segments, sigma_tensor, sigma_value, needs_logits_grad, needs_target_grad):
     """Launch the backward kernel: gradients for logits (logits' dtype), segments and a sigma tensor."""
     n, c, h, w = logits.shape
-    n_rows, n_pixels = n * c, h * w
     grad_out = grad_out.to(torch.float32).contiguous()
     grad_logits = _new_output((n, c, h, w), logits.device, logits.dtype) if needs_logits_grad else None
     grad_segments = _new_output(segments.shape, logits.device, torch.float32) if needs_target_grad else None
     has_sigma_grad = needs_target_grad and sigma_tensor is not None
     grad_sigma_rows = _new_output((n, c), logits.device, torch.float32) if has_sigma_grad else None
-    if n_rows > 0:
-        config = launch_config(n_rows, n_pixels)
-        grid = (triton.cdiv(n_rows, config["BLOCK_R"]),)
+    if n * c > 0:
+        launch = backward_launch(grad_out, logits, segments, sigma_tensor, sigma_value, grad_logits, grad_segments,
+                                 grad_sigma_rows, needs_logits_grad, needs_target_grad)
         with _device_guard(logits):
-            compiled = _heatmap_divergence_bwd_kernel[grid](
-                logits, segments, sigma_tensor if sigma_tensor is not None else segments, grad_out,
-                grad_logits if grad_logits is not None else grad_out,
-                grad_segments if grad_segments is not None else grad_out,
-                grad_sigma_rows if grad_sigma_rows is not None else grad_out,
-                n_rows, c, w, n_pixels, *logits.stride(), sigma_value, 1.0 / n_pixels,
-                HAS_SIGMA_TENSOR=sigma_tensor is not None, IS_FLAT=_is_flat(logits),
-                NEEDS_LOGITS_GRAD=needs_logits_grad, NEEDS_TARGET_GRAD=needs_target_grad, **config,
-            )  # fmt: skip
-        _record_stats("heatmap_divergence_bwd", compiled, config)
+            compiled = launch.run()
+        _record_stats("heatmap_divergence_bwd", compiled, launch.constexprs)
     grad_sigma = grad_sigma_rows.sum(dim=0) if grad_sigma_rows is not None else None
     return grad_logits, grad_segments, grad_sigma
+
+
+def static_launches(logits, segments, sigma, weights=None, num_views: int = 1, needs_target_grad: bool = False
+                    ) -> list[KernelLaunch]:
+    """The kernel launches of one fused forward + backward (``pose_score`` when weights are given, else
+    ``heatmap_divergence``) for these inputs, without running them: what a compiler for real targets needs."""
+    checked = check_inputs(logits, segments, sigma)
+    segments = checked.segments.to(torch.float32)
+    if isinstance(checked.sigma, torch.Tensor):
+        sigma_tensor, sigma_value = checked.sigma.to(torch.float32), 1.0
+    else:
+        sigma_tensor, sigma_value = None, checked.sigma
+    n, c = logits.shape[:2]
+    device = logits.device
+    out = torch.empty((n, c), device=device, dtype=torch.float32)
+    grad_logits = torch.empty(logits.shape, device=device, dtype=logits.dtype)
+    grad_segments = torch.empty(segments.shape, device=device) if needs_target_grad else None
+    grad_sigma_rows = out if needs_target_grad and sigma_tensor is not None else None
+    return [
+        forward_launch(logits, segments, sigma_tensor, sigma_value, out),
+        backward_launch(out, logits, segments, sigma_tensor, sigma_value, grad_logits, grad_segments,
+                        grad_sigma_rows, True, needs_target_grad),
+    ]
 
 
 class HeatmapDivergenceFunction(torch.autograd.Function):
