@@ -114,6 +114,23 @@ class Compiled:
     spill_instructions: int
     sass: str = field(repr=False)
     compile_s: float = 0.0
+    specialisation: str = ""
+
+
+# Registers and occupancy: sm_80 and sm_90 alike
+REGISTERS_PER_SM = 65536
+REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
+MAX_WARPS_PER_SM = 64
+MIN_WARPS_PER_SM = 16
+"""The occupancy floor every kernel must allow: its register count may not hold an SM below 16 resident
+warps (25%), which the memory-bound kernels need to keep enough loads in flight."""
+
+
+def warps_allowed_by_registers(registers: int, num_warps: int) -> int:
+    """Resident warps per SM that a kernel's register count allows (in whole blocks of ``num_warps``)."""
+    per_warp = -(-max(registers, 1) * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    blocks = REGISTERS_PER_SM // (per_warp * num_warps)
+    return min(blocks * num_warps, MAX_WARPS_PER_SM // num_warps * num_warps)
 
 
 def _specialised_source(launch, target):
@@ -136,6 +153,22 @@ def _tool(name: str) -> str:
     return getattr(triton.knobs.nvidia, name).path
 
 
+def specialisation_key(launch, arch: int) -> str:
+    """What one compiled kernel depends on: the kernel's source (with what it calls), its argument types
+    and specialisations, constexprs and options, the target and the Triton version. Equal keys compile to
+    the same cubin, so results recorded under a key (``kernel_static.json``) stand for a compile."""
+    import hashlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    source, options = _specialised_source(launch, GPUTarget("cuda", arch, 32))
+    settings = dict(options.__dict__)
+    settings["extern_libs"] = tuple((name, os.path.basename(path)) for name, path in settings.get("extern_libs") or ())
+    text = f"{triton.__version__}-sm_{arch}-{source.hash()}-{sorted(settings.items())!r}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def compile_launch(launch, arch: int, cache: dict) -> Compiled:
     """Compile one launch for sm_<arch> (cached by its specialisation); read resources from the cubin."""
     import triton
@@ -143,7 +176,7 @@ def compile_launch(launch, arch: int, cache: dict) -> Compiled:
 
     target = GPUTarget("cuda", arch, 32)
     source, options = _specialised_source(launch, target)
-    key = (arch, source.hash(), repr(sorted(options.__dict__.items())))
+    key = specialisation_key(launch, arch)
     if key in cache:
         return cache[key]
     started = time.perf_counter()
@@ -162,7 +195,7 @@ def compile_launch(launch, arch: int, cache: dict) -> Compiled:
         local_bytes=int(fields.get("LOCAL", 0)),
         shared_bytes=max(int(fields.get("SHARED", 0)), int(compiled.metadata.shared)),
         spill_instructions=sum(1 for op in sass_opcodes(sass) if op.split(".")[0] in ("LDL", "STL")),
-        sass=sass, compile_s=elapsed,
+        sass=sass, compile_s=elapsed, specialisation=key,
     )
     cache[key] = result
     return result
@@ -390,6 +423,47 @@ def variant_launches(variant: Variant, shape) -> list:
                                          needs_target_grad=variant.target_grads)
 
 
+def verify_compiles(shape=SHAPE_DRPOSE, targets=tuple(TARGETS), recorded: dict | None = None,
+                    fresh: list[Variant] | None = None) -> list[dict]:
+    """Every variant's kernels at ``shape`` for ``targets``, one entry per distinct compiled kernel: registers,
+    stack and local memory, spill instructions, the warps per SM its registers allow, and where the figures
+    come from. A kernel whose specialisation key is in ``recorded`` (``kernel_static.json`` rows by key) is
+    taken from there (same key, same cubin); the others, and every kernel of the ``fresh`` variants, are
+    compiled now, and a fresh compile that has a record is checked against it."""
+    recorded = recorded or {}
+    fresh_names = {v.name for v in (fresh or [])}
+    entries: dict[str, dict] = {}
+    cache: dict = {}
+    for variant in all_variants():
+        for launch in variant_launches(variant, shape):
+            for arch_name in targets:
+                key = specialisation_key(launch, TARGETS[arch_name])
+                entry = entries.get(key)
+                if entry is None:
+                    entry = entries[key] = {"key": key, "target": arch_name, "launch": launch.name,
+                                            "use": f"{variant.name} at {shape}", "compile": False}
+                entry["compile"] |= variant.name in fresh_names or key not in recorded
+                entry["_launch"] = entry.get("_launch", launch)
+    for entry in entries.values():
+        launch = entry.pop("_launch")
+        record = recorded.get(entry["key"])
+        if entry["compile"]:
+            compiled = compile_launch(launch, TARGETS[entry["target"]], cache)
+            figures = {"registers": compiled.registers, "stack_bytes": compiled.stack_bytes,
+                       "local_bytes": compiled.local_bytes, "spill_instructions": compiled.spill_instructions,
+                       "num_warps": compiled.num_warps}
+            entry["source"] = "compiled"
+            if record is not None:
+                entry["recorded_registers"] = record["registers"]
+        else:
+            figures = {k: record[k] for k in ("registers", "stack_bytes", "local_bytes", "spill_instructions")}
+            figures["num_warps"] = record["config"]["num_warps"]
+            entry["source"] = "recorded"
+        entry.update(figures)
+        entry["warps_allowed_by_registers"] = warps_allowed_by_registers(figures["registers"], figures["num_warps"])
+    return list(entries.values())
+
+
 # --------------------------------------------------------------------------------------------------
 # The roofline
 
@@ -489,10 +563,12 @@ def full_tile_fraction(launch, segments: torch.Tensor, sigma: float) -> float:
 @dataclass
 class StaticSettings:
     targets: list[str]
-    shapes: list[tuple]
+    shapes: list[tuple]  # every variant at each of these
     variants: list[Variant]
     roofline_shapes: list[tuple]
     roofline_dtypes: list[str]
+    sweep_shapes: list[tuple] = field(default_factory=list)  # only ``sweep_variants`` at these
+    sweep_variants: list[Variant] = field(default_factory=list)
 
 
 def benchmark_segments(shape) -> torch.Tensor:
@@ -503,30 +579,44 @@ def benchmark_segments(shape) -> torch.Tensor:
     return segments
 
 
+def kernel_row(launch, compiled: Compiled, loop: LoopAnalysis, arch_name: str) -> dict:
+    """One compiled kernel: its resources and per-element instruction mix (the uses are added by ``run``)."""
+    return {
+        "target": arch_name, "launch": launch.name, "kernel": compiled.kernel,
+        "config": {k: v for k, v in launch.constexprs.items() if k.isupper() or k == "num_warps"},
+        "registers": compiled.registers, "stack_bytes": compiled.stack_bytes, "local_bytes": compiled.local_bytes,
+        "shared_bytes": compiled.shared_bytes, "spill_instructions": compiled.spill_instructions,
+        "warps_allowed_by_registers": warps_allowed_by_registers(compiled.registers, compiled.num_warps),
+        "specialisation": compiled.specialisation,
+        "bytes_per_element": launch.bytes / max(launch.elements, 1),
+        "per_element": per_element(loop, launch, compiled) if launch.tile else None,
+        "compile_s": compiled.compile_s, "uses": [],
+    }
+
+
 def run(settings: StaticSettings, progress) -> tuple[list[dict], dict]:
+    """Compile every (shape, variant) launch for every target; one row per distinct compiled kernel, listing
+    the (shape, variant) uses that compile to it."""
     cache: dict = {}
-    rows = []
-    for shape in settings.shapes:
-        for variant in settings.variants:
-            launches = variant_launches(variant, shape)
-            for arch_name in settings.targets:
-                arch = TARGETS[arch_name]
-                for launch in launches:
-                    compiled = compile_launch(launch, arch, cache)
-                    loop = analyse_sass(compiled.sass)
-                    rows.append({
-                        "shape": list(shape), "variant": variant.name, **asdict(variant), "target": arch_name,
-                        "launch": launch.name, "kernel": compiled.kernel, "grid": list(launch.grid),
-                        "config": {k: v for k, v in launch.constexprs.items() if k.isupper() or k == "num_warps"},
-                        "registers": compiled.registers, "stack_bytes": compiled.stack_bytes,
-                        "local_bytes": compiled.local_bytes, "shared_bytes": compiled.shared_bytes,
-                        "spill_instructions": compiled.spill_instructions,
-                        "bytes_per_element": launch.bytes / max(launch.elements, 1),
-                        "per_element": per_element(loop, launch, compiled) if launch.tile else None,
-                        "compile_s": compiled.compile_s,
-                    })
-                progress(f"{arch_name} {shape} {variant.name}: " + ", ".join(
-                    f"{r['launch']} {r['registers']} regs" for r in rows[-len(launches):]))
+    by_key: dict[str, dict] = {}
+    work = [(shape, v) for shape in settings.shapes for v in settings.variants]
+    work += [(shape, v) for shape in settings.sweep_shapes for v in settings.sweep_variants]
+    for shape, variant in dict.fromkeys(work):
+        launches = variant_launches(variant, shape)
+        for arch_name in settings.targets:
+            arch = TARGETS[arch_name]
+            done = []
+            for launch in launches:
+                compiled = compile_launch(launch, arch, cache)
+                row = by_key.get(compiled.specialisation)
+                if row is None:
+                    row = by_key[compiled.specialisation] = kernel_row(launch, compiled, analyse_sass(compiled.sass),
+                                                                      arch_name)
+                row["uses"].append("({}, {}, {}, {}) ".format(*shape) + variant.name)
+                done.append(f"{launch.name} {compiled.registers} regs")
+            progress(f"{arch_name} {shape} {variant.name}: " + ", ".join(done))
+    rows = list(by_key.values())
+    analyses: dict = {}
     roofline = []
     for shape in settings.roofline_shapes:
         segments = benchmark_segments(shape)
@@ -538,7 +628,9 @@ def run(settings: StaticSettings, progress) -> tuple[list[dict], dict]:
                     parts = []
                     for launch in launches:
                         compiled = compile_launch(launch, ROOFLINE_ARCH, cache)
-                        loop = analyse_sass(compiled.sass)
+                        if compiled.specialisation not in analyses:
+                            analyses[compiled.specialisation] = analyse_sass(compiled.sass)
+                        loop = analyses[compiled.specialisation]
                         fraction = forced if forced is not None else full_tile_fraction(launch, segments, SIGMA)
                         model = launch_model(launch, compiled, loop, device, fraction)
                         parts.append({"launch": launch.name, "bytes": launch.bytes, "full_tile_fraction": fraction,
@@ -585,25 +677,24 @@ def markdown(rows: list[dict], meta: dict) -> str:
     text += "Predicted forward + backward of `pose_score` (contiguous logits, float sigma):\n\n"
     text += markdown_table(["shape (N, C, H, W)", "dtype", "device", "tiles", "predicted us", "copy-bound us",
                             "% of copy BW", "launches"], body)
-    seen = set()
     body = []
     for r in rows:
-        key = (r["target"], r["kernel"], r["variant"], tuple(sorted(r["config"].items())))
-        if key in seen:
-            continue
-        seen.add(key)
         pe = r["per_element"] or {}
         full, bg = pe.get("full", {}), pe.get("background", {})
-        body.append([r["target"], r["variant"], r["launch"],
+        uses = r["uses"]
+        body.append([r["target"], r["launch"], uses[0] + (f" (+{len(uses) - 1})" if len(uses) > 1 else ""),
                      ",".join(f"{k}={v}" for k, v in sorted(r["config"].items())),
-                     str(r["registers"]), str(r["spill_instructions"]), str(r["stack_bytes"]), str(r["shared_bytes"]),
+                     str(r["registers"]), str(r["warps_allowed_by_registers"]), str(r["spill_instructions"]),
+                     str(r["stack_bytes"]), str(r["shared_bytes"]),
                      f"{full.get('mufu', 0):.2f} / {bg.get('mufu', 0):.2f}",
                      f"{full.get('fp32', 0):.1f} / {bg.get('fp32', 0):.1f}",
                      f"{full.get('instructions', 0):.1f} / {bg.get('instructions', 0):.1f}",
                      f"{full.get('global_loads', 0):.3f}", f"{full.get('global_stores', 0):.3f}",
                      f"{r['bytes_per_element']:.1f}"])
-    text += ("\nPer compiled launch (shapes with the same launch configuration compile once; per element: full "
-             "path / background path of the tile loop):\n\n")
-    text += markdown_table(["target", "variant", "launch", "config", "regs", "spill instr", "stack B", "shared B",
-                            "MUFU/elem", "FP32/elem", "instr/elem", "LDG/elem", "STG/elem", "bytes/elem"], body)
+    text += ("\nEvery distinct compiled kernel (one row each; \"first use\" names the first (shape, variant) that "
+             "compiles to it, + how many more do; warps/SM: the resident warps its registers allow, floor "
+             f"{MIN_WARPS_PER_SM}; per element: full path / background path of the tile loop):\n\n")
+    text += markdown_table(["target", "launch", "first use", "config", "regs", "warps/SM", "spill instr", "stack B",
+                            "shared B", "MUFU/elem", "FP32/elem", "instr/elem", "LDG/elem", "STG/elem", "bytes/elem"],
+                           body)
     return text

@@ -119,13 +119,17 @@ def compile_only(args, progress, started: float) -> list[Path]:
         variants = [v for v in variants if v.dtype in dtypes]
         roofline_shapes = []
     else:
-        sweep = [(24, 23, side, side) for side in kernel_suite.SIZE_SWEEP]
-        shapes = list(dict.fromkeys([*kernel_suite.SHAPES, kernel_static.SHAPE_DRPOSE, *sweep]))
+        shapes = list(dict.fromkeys([*kernel_suite.SHAPES, kernel_static.SHAPE_DRPOSE]))
         variants = kernel_static.all_variants(tuple(dtypes))
         roofline_shapes = [kernel_static.SHAPE_DRPOSE, *kernel_suite.SHAPES]
+    # the size sweep times pose_score on fp32 contiguous logits: those variants at its heatmap sizes
+    sweep = [(24, 23, side, side) for side in kernel_suite.SIZE_SWEEP] if not args.quick else []
+    sweep_variants = [v for v in kernel_static.all_variants(("fp32",))
+                      if v.mode == "pose_score" and v.layout == "contiguous" and "fp32" in dtypes]
     settings = kernel_static.StaticSettings(targets=targets, shapes=shapes, variants=variants,
                                             roofline_shapes=roofline_shapes,
-                                            roofline_dtypes=[d for d in ("fp32", "bf16") if d in dtypes])
+                                            roofline_dtypes=[d for d in ("fp32", "bf16") if d in dtypes],
+                                            sweep_shapes=sweep, sweep_variants=sweep_variants)
     rows, meta = kernel_static.run(settings, progress)
     meta = {"suite": "kernel_static", "timestamp": timestamp(), "versions": versions(), "quick": args.quick,
             "targets": targets, "wall_s": time.perf_counter() - started, **meta}

@@ -58,10 +58,17 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE = 1024  # elements (channels x pixels) per program step
 # Per kernel: elements per thread and step, and the programs a launch aims for (rows' maps are split into
 # parts until it has about that many). The forward is bound by instruction issue: 16 elements per thread
-# spread a tile's fixed costs (the tile test, addresses, the branch). The backward is bound by memory: 8
-# per thread and short programs keep more loads in flight and the last wave small.
-FORWARD = {"elements_per_thread": 16, "target_programs": 4096}
+# spread a tile's fixed costs (the tile test, addresses, the branch); where a band of rows is a single
+# tile, 8 (16 would exceed MAX_REGISTERS there and spill). The backward is bound by memory: 8 per thread
+# and short programs keep more loads in flight and the last wave small; 4 when it also computes segment
+# and sigma gradients, which keep more values live per element.
+FORWARD = {"elements_per_thread": 16, "target_programs": 4096, "single_tile_elements_per_thread": 8}
 BACKWARD = {"elements_per_thread": 8, "target_programs": 16384}
+BACKWARD_TARGET_GRAD = {**BACKWARD, "elements_per_thread": 4}
+MAX_REGISTERS = 128
+"""ptxas's register cap per thread for every kernel: at most 128 keeps 16 or more warps resident per SM
+(25% occupancy) on sm_80 and sm_90, whatever the variant (``tests/test_kernel_compile.py`` checks that no
+variant spills under it)."""
 CHANNELS_LAST_BLOCK = 16  # channels per tile of channels-last logits: 32 contiguous bytes of bf16 per pixel
 E_CUT = 104.0  # T = exp(-e) rounds to 0 in float32 for e >= E_CUT (exp(-104) < 2^-150)
 E_SKIP = 105.0  # a tile takes the background path when e > E_SKIP at every pixel (margin for rounding)
@@ -326,12 +333,12 @@ if HAS_TRITON:
         o_base = i_n * stride_n + o_c.to(tl.int64) * stride_c
         o_grad_base = i_n * stride_dn + o_c.to(tl.int64) * stride_dc
         m_store = o_c < n_channels
-        if NEEDS_TARGET_GRAD:
-            b_acc_ax = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
-            b_acc_ay = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
-            b_acc_bx = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
-            b_acc_by = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
-            b_acc_e = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
+        if NEEDS_TARGET_GRAD:  # per-channel sums, reduced tile by tile (per-pixel accumulators cost registers)
+            b_acc_ax = tl.zeros([BLOCK_C], dtype=tl.float32)
+            b_acc_ay = tl.zeros([BLOCK_C], dtype=tl.float32)
+            b_acc_bx = tl.zeros([BLOCK_C], dtype=tl.float32)
+            b_acc_by = tl.zeros([BLOCK_C], dtype=tl.float32)
+            b_acc_e = tl.zeros([BLOCK_C], dtype=tl.float32)
         h_start = i_part * bands_per_part * BLOCK_H
         for h0 in range(h_start, tl.minimum(h_start + bands_per_part * BLOCK_H, height), BLOCK_H):
             o_h = h0 + tl.arange(0, BLOCK_H)
@@ -354,11 +361,11 @@ if HAS_TRITON:
                         b_u = _one_minus_exp_neg(b_e, b_target)
                         b_dd_de = b_target * (b_e + _log_unit(b_u) + b_l)
                         b_dd_de = tl.where(m, b_dd_de, 0.0)
-                        b_acc_ax += b_dd_de * b_dx * (1.0 - b_t)
-                        b_acc_ay += b_dd_de * b_dy * (1.0 - b_t)
-                        b_acc_bx += b_dd_de * b_dx * b_t
-                        b_acc_by += b_dd_de * b_dy * b_t
-                        b_acc_e += b_dd_de * b_e
+                        b_acc_ax += tl.sum(tl.sum(b_dd_de * b_dx * (1.0 - b_t), axis=2), axis=1)
+                        b_acc_ay += tl.sum(tl.sum(b_dd_de * b_dy * (1.0 - b_t), axis=2), axis=1)
+                        b_acc_bx += tl.sum(tl.sum(b_dd_de * b_dx * b_t, axis=2), axis=1)
+                        b_acc_by += tl.sum(tl.sum(b_dd_de * b_dy * b_t, axis=2), axis=1)
+                        b_acc_e += tl.sum(tl.sum(b_dd_de * b_e, axis=2), axis=1)
                 else:
                     if NEEDS_LOGITS_GRAD:
                         b_dl = b_coef[:, None, None] * _sigmoid(b_l)
@@ -370,12 +377,12 @@ if HAS_TRITON:
             # de/da = -2 k^2 (p - q)(1 - t), de/db = -2 k^2 (p - q) t, de/dsigma = -2 e / sigma
             b_scale = -2.0 * b_coef * b_k * b_k
             o_dseg = ((i_n * n_channels + o_c) * n_parts + i_part) * 4
-            tl.store(dseg_ptr + o_dseg + 0, b_scale * tl.sum(tl.sum(b_acc_ax, axis=2), axis=1), mask=m_store)
-            tl.store(dseg_ptr + o_dseg + 1, b_scale * tl.sum(tl.sum(b_acc_ay, axis=2), axis=1), mask=m_store)
-            tl.store(dseg_ptr + o_dseg + 2, b_scale * tl.sum(tl.sum(b_acc_bx, axis=2), axis=1), mask=m_store)
-            tl.store(dseg_ptr + o_dseg + 3, b_scale * tl.sum(tl.sum(b_acc_by, axis=2), axis=1), mask=m_store)
+            tl.store(dseg_ptr + o_dseg + 0, b_scale * b_acc_ax, mask=m_store)
+            tl.store(dseg_ptr + o_dseg + 1, b_scale * b_acc_ay, mask=m_store)
+            tl.store(dseg_ptr + o_dseg + 2, b_scale * b_acc_bx, mask=m_store)
+            tl.store(dseg_ptr + o_dseg + 3, b_scale * b_acc_by, mask=m_store)
             if HAS_SIGMA_TENSOR:
-                b_dsigma = -2.0 * b_coef / b_sigma * tl.sum(tl.sum(b_acc_e, axis=2), axis=1)
+                b_dsigma = -2.0 * b_coef / b_sigma * b_acc_e
                 tl.store(dsigma_ptr + (i_n * n_channels + o_c) * n_parts + i_part, b_dsigma, mask=m_store)
 
 
@@ -408,7 +415,7 @@ def launch_config(channels: int, height: int, width: int, strides: tuple[int, in
             block_h = min(pow2(height), TILE // block_w)
         block_c = min(pow2(channels), max(1, TILE // (block_h * block_w)))
     elements = block_c * block_h * block_w
-    num_warps = max(1, min(4, elements // (32 * elements_per_thread)))
+    num_warps = max(1, min(8, elements // (32 * elements_per_thread)))
     return {"BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps}
 
 
@@ -527,7 +534,12 @@ def kernel_split(logits: torch.Tensor, settings: dict) -> tuple[dict, Split]:
     """Launch configuration and work split of the forward (``FORWARD``) or backward (``BACKWARD``) kernel."""
     n, c, h, w = logits.shape
     config = launch_config(c, h, w, logits.stride(), settings["elements_per_thread"])
-    return config, Split.of(logits.shape, config, settings["target_programs"])
+    split = Split.of(logits.shape, config, settings["target_programs"])
+    if split.tiles_per_band == 1 and "single_tile_elements_per_thread" in settings:
+        # one tile per band of rows: the tile loop runs once per band, and 16 elements per thread would
+        # exceed MAX_REGISTERS and spill; the tile shape (and so the split) stays the same
+        config = launch_config(c, h, w, logits.stride(), settings["single_tile_elements_per_thread"])
+    return config, split
 
 
 def forward_launch(logits: torch.Tensor, targets: Targets, partials: torch.Tensor) -> KernelLaunch:
@@ -537,7 +549,7 @@ def forward_launch(logits: torch.Tensor, targets: Targets, partials: torch.Tenso
     args = (logits, *targets.args(), partials, c, *split.args(), h, w, *logits.stride(), *targets.segments.stride(),
             targets.k_value, 1.0 / (h * w))
     return KernelLaunch("forward", _divergence_fwd_kernel, split.grid(n), args,
-                        dict(HAS_SIGMA_TENSOR=targets.sigma_tensor is not None, **config),
+                        dict(HAS_SIGMA_TENSOR=targets.sigma_tensor is not None, **config, maxnreg=MAX_REGISTERS),
                         bytes=logits.numel() * logits.element_size(), elements=logits.numel(),
                         tile=config["BLOCK_C"] * config["BLOCK_H"] * config["BLOCK_W"], loops=split.loops)
 
@@ -551,7 +563,8 @@ def score_launch(partials: torch.Tensor, weights: torch.Tensor, scores: torch.Te
     block_c = min(triton.next_power_of_2(c), 128)
     args = (partials, weights, scores, weight_sums, num_views, c, parts, *weights.stride(), reference.WEIGHT_EPS)
     return KernelLaunch("score", _pose_score_kernel, (n // num_views,), args,
-                        dict(BLOCK_V=block_v, BLOCK_C=block_c, num_warps=1), bytes=0, elements=0, tile=0)
+                        dict(BLOCK_V=block_v, BLOCK_C=block_c, num_warps=1, maxnreg=MAX_REGISTERS),
+                        bytes=0, elements=0, tile=0)
 
 
 def backward_launch(logits: torch.Tensor, targets: Targets, grad_out: torch.Tensor, weights, weight_sums, num_views,
@@ -560,7 +573,7 @@ def backward_launch(logits: torch.Tensor, targets: Targets, grad_out: torch.Tens
     gradient is ``pose_score``'s (B,), otherwise the divergence's (N, C). Segment and sigma gradients
     are written per part: (N, C, parts, 4) and (N, C, parts)."""
     n, c, h, w = logits.shape
-    config, split = kernel_split(logits, BACKWARD)
+    config, split = kernel_split(logits, BACKWARD_TARGET_GRAD if needs_target_grad else BACKWARD)
     has_weights = weights is not None
     g_strides = (grad_out.stride(0), 0) if has_weights else grad_out.stride()
     w_strides = weights.stride() if has_weights else (0, 0)
@@ -572,7 +585,8 @@ def backward_launch(logits: torch.Tensor, targets: Targets, grad_out: torch.Tens
             c, *split.args(), h, w, num_views, *logits.stride(), *dl.stride(), *targets.segments.stride(),
             *g_strides, *w_strides, targets.k_value, 1.0 / (h * w), reference.WEIGHT_EPS)
     constexprs = dict(HAS_SIGMA_TENSOR=targets.sigma_tensor is not None, HAS_WEIGHTS=has_weights,
-                      NEEDS_LOGITS_GRAD=grad_logits is not None, NEEDS_TARGET_GRAD=needs_target_grad, **config)
+                      NEEDS_LOGITS_GRAD=grad_logits is not None, NEEDS_TARGET_GRAD=needs_target_grad, **config,
+                      maxnreg=MAX_REGISTERS)
     per_pass = logits.numel() * logits.element_size()
     return KernelLaunch("backward", _divergence_bwd_kernel, split.grid(n), args, constexprs,
                         bytes=per_pass * (2 if grad_logits is not None else 1), elements=logits.numel(),
