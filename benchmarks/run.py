@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-only", action="store_true",
                         help="kernel suite: compile for real targets and model the kernels statically (no GPU needed)")
     parser.add_argument("--targets", default="sm_80,sm_90", help="--compile-only: comma-separated GPU targets")
+    parser.add_argument("--shapes", default=None,
+                        help="--compile-only: compile every variant at these shapes only, e.g. 12x43x96x96 (comma-"
+                             "separated; default: the benchmark shapes, DrPose's and the size sweep)")
     parser.add_argument("--no-compile", action="store_true", help="kernel suite: skip the torch.compile reference")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     return parser.parse_args(argv)
@@ -118,12 +121,21 @@ def compile_only(args, progress, started: float) -> list[Path]:
         shapes, variants = kernel_suite.QUICK_SHAPES, kernel_static.representative_variants()
         variants = [v for v in variants if v.dtype in dtypes]
         roofline_shapes = []
+    elif args.shapes:
+        try:
+            shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+        except ValueError:
+            raise SystemExit(f"--shapes: expected N x C x H x W like 12x43x96x96, got {args.shapes!r}") from None
+        if any(len(shape) != 4 for shape in shapes):
+            raise SystemExit(f"--shapes: expected N x C x H x W like 12x43x96x96, got {args.shapes!r}")
+        variants = kernel_static.all_variants(tuple(dtypes))
+        roofline_shapes = [kernel_static.SHAPE_DRPOSE, *kernel_suite.SHAPES]
     else:
         shapes = list(dict.fromkeys([*kernel_suite.SHAPES, kernel_static.SHAPE_DRPOSE]))
         variants = kernel_static.all_variants(tuple(dtypes))
         roofline_shapes = [kernel_static.SHAPE_DRPOSE, *kernel_suite.SHAPES]
     # the size sweep times pose_score on fp32 contiguous logits: those variants at its heatmap sizes
-    sweep = [(24, 23, side, side) for side in kernel_suite.SIZE_SWEEP] if not args.quick else []
+    sweep = [(24, 23, side, side) for side in kernel_suite.SIZE_SWEEP] if not (args.quick or args.shapes) else []
     sweep_variants = [v for v in kernel_static.all_variants(("fp32",))
                       if v.mode == "pose_score" and v.layout == "contiguous" and "fp32" in dtypes]
     settings = kernel_static.StaticSettings(targets=targets, shapes=shapes, variants=variants,
@@ -132,6 +144,7 @@ def compile_only(args, progress, started: float) -> list[Path]:
                                             sweep_shapes=sweep, sweep_variants=sweep_variants)
     rows, meta = kernel_static.run(settings, progress)
     meta = {"suite": "kernel_static", "timestamp": timestamp(), "versions": versions(), "quick": args.quick,
+            "variant_shapes": [list(shape) for shape in shapes], "sweep_shapes": [list(shape) for shape in sweep],
             "targets": targets, "wall_s": time.perf_counter() - started, **meta}
     text = f"# Kernel static figures ({', '.join(targets)})\n\n- {timestamp()}; " + ", ".join(
         f"{k} {v}" for k, v in versions().items() if v) + "\n\n" + kernel_static.markdown(rows, meta)
