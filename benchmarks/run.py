@@ -1,9 +1,12 @@
 """Benchmark entry point.
 
     python benchmarks/run.py {kernel,trainer,all} [--device cuda|cpu] [--out DIR] [--quick]
+    python benchmarks/run.py kernel --compile-only [--targets sm_80,sm_90] [--quick]
 
 kernel: the fused PoseScore op vs the eager and compiled PyTorch reference (forward, backward, full),
-plus a sweep over heatmap sizes. trainer: one full DrPose training step under DeepSpeed at K = 1, 2, 4, 8
+plus a sweep over heatmap sizes. kernel --compile-only: every kernel variant compiled for real GPU
+targets without a GPU, with registers, spills, instruction mix per element and a static roofline for
+H100/H200 (``kernel_static.json`` / ``.md``; ``--quick`` compiles a covering set at one shape). trainer: one full DrPose training step under DeepSpeed at K = 1, 2, 4, 8
 gradient-carrying steps with activation checkpointing off / on / on + offload, ZeRO-2 and ZeRO-3, a
 sweep over views, and on GPU the real-size PSHuman UNet. Each suite writes ``<suite>_<device>.json``
 (rows in one schema + device facts + versions), ``<suite>_<device>.md`` and PNG plots under ``--out``
@@ -16,6 +19,7 @@ track live tensors (see ``drpose.memory``); CPU timings then include the cost of
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -27,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kernel_suite  # noqa: E402
-import trainer_suite  # noqa: E402
 from common import device_facts, timestamp, versions, write_results  # noqa: E402
 from drpose.memory import cpu_peak_is_exact, exact_cpu_env  # noqa: E402
 from drpose.training.rendezvous import free_port  # noqa: E402
@@ -41,7 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON, Markdown and PNG results")
     parser.add_argument("--quick", action="store_true", help="a small CPU subset (about a minute)")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="kernel suite: comma-separated subset of fp32,bf16")
+    parser.add_argument("--dtypes", default=None,
+                        help="kernel suite: comma-separated subset of fp32,bf16 (default both); with --compile-only "
+                             "of fp32,fp16,bf16 (default all)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="kernel suite: compile for real targets and model the kernels statically (no GPU needed)")
+    parser.add_argument("--targets", default="sm_80,sm_90", help="--compile-only: comma-separated GPU targets")
+    parser.add_argument("--shapes", default=None,
+                        help="--compile-only: compile every variant at these shapes only, e.g. 12x43x96x96 (comma-"
+                             "separated; default: the benchmark shapes, DrPose's and the size sweep)")
     parser.add_argument("--no-compile", action="store_true", help="kernel suite: skip the torch.compile reference")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     return parser.parse_args(argv)
@@ -92,8 +103,81 @@ def header(title: str, facts: dict, device: torch.device, meta: dict) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def split_list(text: str | None, allowed, what: str, default) -> list[str]:
+    chosen = [t.strip() for t in text.split(",") if t.strip()] if text else list(default)
+    unknown = [t for t in chosen if t not in allowed]
+    if unknown or not chosen:
+        raise SystemExit(f"{what}: unknown {unknown or text!r}; choose from {sorted(allowed)}")
+    return chosen
+
+
+def compile_only(args, progress, started: float) -> list[Path]:
+    """kernel --compile-only: compile every variant for real targets and write the static model."""
+    import kernel_static
+
+    targets = split_list(args.targets, kernel_static.TARGETS, "--targets", kernel_static.TARGETS)
+    dtypes = split_list(args.dtypes, kernel_static.DTYPES, "--dtypes", kernel_static.DTYPES)
+    if args.quick:
+        shapes, variants = kernel_suite.QUICK_SHAPES, kernel_static.representative_variants()
+        variants = [v for v in variants if v.dtype in dtypes]
+        roofline_shapes = []
+    elif args.shapes:
+        try:
+            shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+        except ValueError:
+            raise SystemExit(f"--shapes: expected N x C x H x W like 12x43x96x96, got {args.shapes!r}") from None
+        if any(len(shape) != 4 for shape in shapes):
+            raise SystemExit(f"--shapes: expected N x C x H x W like 12x43x96x96, got {args.shapes!r}")
+        variants = kernel_static.all_variants(tuple(dtypes))
+        roofline_shapes = [kernel_static.SHAPE_DRPOSE, *kernel_suite.SHAPES]
+    else:
+        shapes = list(dict.fromkeys([*kernel_suite.SHAPES, kernel_static.SHAPE_DRPOSE]))
+        variants = kernel_static.all_variants(tuple(dtypes))
+        roofline_shapes = [kernel_static.SHAPE_DRPOSE, *kernel_suite.SHAPES]
+    # the size sweep times pose_score on fp32 contiguous logits: those variants at its heatmap sizes
+    sweep = [(24, 23, side, side) for side in kernel_suite.SIZE_SWEEP] if not (args.quick or args.shapes) else []
+    sweep_variants = [v for v in kernel_static.all_variants(("fp32",))
+                      if v.mode == "pose_score" and v.layout == "contiguous" and "fp32" in dtypes]
+    settings = kernel_static.StaticSettings(targets=targets, shapes=shapes, variants=variants,
+                                            roofline_shapes=roofline_shapes,
+                                            roofline_dtypes=[d for d in ("fp32", "bf16") if d in dtypes],
+                                            sweep_shapes=sweep, sweep_variants=sweep_variants)
+    rows, meta = kernel_static.run(settings, progress)
+    meta = {"suite": "kernel_static", "timestamp": timestamp(), "versions": versions(), "quick": args.quick,
+            "variant_shapes": [list(shape) for shape in shapes], "sweep_shapes": [list(shape) for shape in sweep],
+            "targets": targets, "wall_s": time.perf_counter() - started, **meta}
+    text = f"# Kernel static figures ({', '.join(targets)})\n\n- {timestamp()}; " + ", ".join(
+        f"{k} {v}" for k, v in versions().items() if v) + "\n\n" + kernel_static.markdown(rows, meta)
+    stem = "kernel_static" + ("_quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    md_path.write_text(text)
+    return [json_path, md_path]
+
+
+def compile_main(args) -> int:
+    if args.suite != "kernel":
+        raise SystemExit("--compile-only applies to the kernel suite: python benchmarks/run.py kernel --compile-only")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or "TRITON_DEFAULT_FP_FUSION" not in os.environ:
+        # compiling for a real target needs the kernels as JITFunctions, which the interpreter replaces
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, set to silence its warning
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[bench] {time.perf_counter() - started:7.1f}s  {message}", flush=True)
+
+    written = compile_only(args, progress, started)
+    print(f"[bench] wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compile_only:
+        return compile_main(args)
     device = resolve_device(args.device)
     if device.type == "cpu" and not cpu_peak_is_exact():
         os.execve(sys.executable, [sys.executable, *sys.argv], exact_cpu_env())
@@ -106,7 +190,7 @@ def main(argv=None) -> int:
 
     written = []
     if args.suite in ("kernel", "all"):
-        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        dtypes = [d.strip() for d in (args.dtypes or "fp32,bf16").split(",") if d.strip()]
         unknown = [d for d in dtypes if d not in kernel_suite.DTYPES]
         if unknown:
             raise SystemExit(f"--dtypes: unknown {unknown}; choose from {sorted(kernel_suite.DTYPES)}")
@@ -126,6 +210,8 @@ def main(argv=None) -> int:
         plot = kernel_suite.plot_sizes(rows, args.out / f"kernel_{slug}_sizes.png")
         written += [plot] if plot else []
     if args.suite in ("trainer", "all"):
+        import trainer_suite  # the training stack, imported only when its suite runs
+
         ensure_process_group()
         on_gpu = device.type == "cuda"
         settings = trainer_suite.TrainerSettings(

@@ -3,7 +3,9 @@
 g_skel reads each generated body view's latents (normal and RGB stacked on channels) as heatmap logits at
 latent resolution; the true joints are projected through the bundle's rig into every body view as joint
 and bone segments, where the model draws them (mirrored views flipped), weighted 0 where they leave the
-frame; the fused op compares the two (see ``drpose_kernels``). The face view is never scored.
+frame; the fused op compares the two (see ``drpose_kernels``). The face view is never scored. The op's
+value checks (finite segments, non-negative weights) cost a host synchronisation, so they run on the
+first call only (or on every call with ``validate_every_call``); later calls cost three kernel launches.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from drpose_kernels import pose_score
 
 class PoseReward(nn.Module):
     def __init__(self, g_skel: GSkel, rig: ViewRig, num_views: int, sigma: float, backend: str = "auto",
-                 include_bones: bool = True):
+                 include_bones: bool = True, validate_every_call: bool = False):
         super().__init__()
         self.g_skel = g_skel.requires_grad_(False).eval()
         self.rig = rig
@@ -28,6 +30,8 @@ class PoseReward(nn.Module):
         self.sigma = float(sigma)
         self.backend = backend
         self.include_bones = include_bones
+        self.validate_every_call = validate_every_call
+        self.values_checked = False
 
     @classmethod
     def from_bundle(cls, bundle, sigma: float | None = None, backend: str = "auto",
@@ -49,5 +53,7 @@ class PoseReward(nn.Module):
         """x0: generated rows (2 * B * V, c, h, w) in the multi-view layout; joints (B, 22, 3). Returns (B,)."""
         logits = self.logits(x0)
         segments, weights = self.targets(joints, framing, x0.shape[-1])
-        return pose_score(logits, segments.to(logits.device), weights.to(logits.device), self.sigma, NUM_BODY_VIEWS,
-                          backend=self.backend)
+        score = pose_score(logits, segments.to(logits.device), weights.to(logits.device), self.sigma, NUM_BODY_VIEWS,
+                           backend=self.backend, validate=self.validate_every_call or not self.values_checked)
+        self.values_checked = True
+        return score

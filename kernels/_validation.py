@@ -54,7 +54,7 @@ def check_segments(segments, logits: torch.Tensor) -> torch.Tensor:
     if segments.device != logits.device:
         raise ValueError(f"segments are on {segments.device} but logits are on {logits.device}; put both on one device")
     if segments.dim() == 3 and segments.shape[2] == 2:
-        segments = torch.stack((segments, segments), dim=2)  # joints: zero-length segments a == b
+        segments = segments.unsqueeze(2).expand(-1, -1, 2, -1)  # joints: zero-length segments a == b (a view)
     elif not (segments.dim() == 4 and segments.shape[2:] == (2, 2)):
         raise ValueError(
             f"segments must have shape (N, C, 2, 2) for segments or (N, C, 2) for joints, got {_shape(segments)}"

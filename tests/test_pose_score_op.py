@@ -501,3 +501,223 @@ def test_unknown_backend_and_float64_on_triton_raise():
     with pytest.raises(TypeError, match="float64 runs on backend='reference'"):
         dk.pose_score(**inputs, backend="triton")
     assert math.isfinite(dk.pose_score(**inputs, backend="reference").sum().item())
+
+
+# --------------------------------------------------------------------------------------------------
+# Edge cases: empty batches, degenerate sigma, far and non-finite keypoints (both backends alike)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_empty_batch_gives_empty_results_and_gradients(backend):
+    logits = torch.zeros(0, 3, 5, 5, device=device(), requires_grad=True)
+    segments = torch.zeros(0, 3, 2, 2, device=device())
+    score = dk.pose_score(logits, segments, torch.zeros(0, 2, 3, device=device()), 1.0, num_views=2, backend=backend)
+    assert score.shape == (0,) and score.dtype == torch.float32
+    score.sum().backward()
+    assert logits.grad.shape == (0, 3, 5, 5)
+    divergence = dk.heatmap_divergence(logits.detach(), segments, 1.0, backend=backend)
+    assert divergence.shape == (0, 3) and divergence.dtype == torch.float32
+
+
+@pytest.mark.parametrize("sigma_kind", ["float", "tensor"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_vanishing_sigma_is_the_indicator_of_the_segment(backend, sigma_kind):
+    """sigma = 1e-30: T is 1 on the segment's pixel centres and 0 elsewhere, so D = softplus(l) - l T."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 3, 6, 7, generator=gen) * 3
+    joints = torch.tensor([[[2.0, 3.0], [0.0, 0.0], [6.0, 5.0]], [[4.0, 1.0], [1.5, 2.5], [-3.0, 2.0]]])
+    target = torch.zeros_like(logits)
+    for n, c in ((0, 0), (0, 1), (0, 2), (1, 0)):  # joints on pixel centres; (1, 1) between, (1, 2) outside
+        x, y = joints[n, c].long().tolist()
+        target[n, c, y, x] = 1.0
+    expected = (torch.nn.functional.softplus(logits) - logits * target).mean(dim=(-2, -1))
+    sigma = 1e-30 if sigma_kind == "float" else torch.full((3,), 1e-30)
+    sigma = sigma.to(device()) if isinstance(sigma, torch.Tensor) else sigma
+    out = dk.heatmap_divergence(logits.to(device()), joints.to(device()), sigma, backend=backend)
+    assert_rel_close(out.cpu(), expected, 1e-6, "divergence at sigma = 1e-30")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_huge_sigma_makes_every_target_one(backend):
+    """sigma = 1e200 (beyond float32): T = 1 everywhere, D = softplus(-l); no overflow on either backend."""
+    logits = torch.randn(2, 2, 5, 4, generator=torch.Generator().manual_seed(12)) * 3
+    segments = torch.rand(2, 2, 2, 2, generator=torch.Generator().manual_seed(13)) * 4
+    out = dk.heatmap_divergence(logits.to(device()), segments.to(device()), 1e200, backend=backend)
+    expected = torch.nn.functional.softplus(-logits).mean(dim=(-2, -1))
+    assert_rel_close(out.cpu(), expected, 1e-6, "divergence at sigma = 1e200")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_keypoint_at_1e20_pixels(backend):
+    """A joint 1e20 px away has T = 0 everywhere (D = softplus(l)), with or without weight; with weight
+    0 it adds nothing to the score and its row gets a zero gradient."""
+    gen = torch.Generator().manual_seed(14)
+    logits = (torch.randn(4, 3, 6, 6, generator=gen) * 2).to(device())
+    joints = (torch.rand(4, 3, 2, generator=gen) * 6).to(device())
+    joints[1, 2] = torch.tensor([1e20, -1e20])
+    divergence = dk.heatmap_divergence(logits, joints, 1.5, backend=backend)
+    assert torch.isfinite(divergence).all()
+    assert_rel_close(divergence[1, 2].cpu(), torch.nn.functional.softplus(logits[1, 2]).mean().cpu(), 1e-6, "far joint")
+    weights = torch.rand(4, 3, generator=gen).to(device()) + 0.1
+    weights[1, 2] = 0.0
+    x = logits.clone().requires_grad_(True)
+    score = dk.pose_score(x, joints, weights, 1.5, num_views=2, backend=backend)
+    score.sum().backward()
+    assert torch.isfinite(score).all() and torch.isfinite(x.grad).all()
+    assert torch.all(x.grad[1, 2] == 0)
+    kept = divergence.detach().clone()
+    expected = -(weights * kept).view(2, 2, 3).sum((1, 2)) / weights.view(2, 2, 3).sum((1, 2))
+    assert_rel_close(score.detach().cpu(), expected.cpu(), 1e-5, "score without the far joint's row")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_unchecked_nan_segment_of_weight_zero_adds_nothing(backend):
+    """validate=False skips the value checks: a NaN segment whose weight is 0 still adds nothing, and one
+    whose weight is not 0 makes its sample's score NaN (never a silently wrong number)."""
+    gen = torch.Generator().manual_seed(15)
+    logits = (torch.randn(4, 3, 6, 6, generator=gen) * 2).to(device())
+    segments = (torch.rand(4, 3, 2, 2, generator=gen) * 6).to(device())
+    weights = (torch.rand(4, 3, generator=gen) + 0.1).to(device())
+    clean = dk.pose_score(logits, segments, weights, 1.5, num_views=2, backend=backend)
+    segments[3, 1] = float("nan")
+    weights[3, 1] = 0.0
+    x = logits.clone().requires_grad_(True)
+    score = dk.pose_score(x, segments, weights, 1.5, num_views=2, backend=backend, validate=False)
+    score.sum().backward()
+    reference_clean = dk.pose_score(logits, segments.nan_to_num(0.0), weights, 1.5, num_views=2, backend=backend)
+    assert_rel_close(score.detach(), reference_clean, 1e-6, "score with an unused NaN segment")
+    assert score[0].item() == clean[0].item()
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[3, 1] == 0)
+    weights[3, 1] = 1.0
+    poisoned = dk.pose_score(logits, segments, weights, 1.5, num_views=2, backend=backend, validate=False)
+    assert torch.isnan(poisoned[1]) and torch.isfinite(poisoned[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernels' arithmetic: exact rewrites of softplus, sigmoid, 1 - exp(-e) and log, and the tile test
+
+
+if fused.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _elementwise_kernel(x_ptr, out_ptr, n, WHICH: tl.constexpr, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = o < n
+        x = tl.load(x_ptr + o, mask=m, other=1.0)
+        if WHICH == 0:
+            y = fused._softplus(x)
+        elif WHICH == 1:
+            y = fused._sigmoid(x)
+        elif WHICH == 2:
+            y = fused._one_minus_exp_neg(x, tl.exp(-x))
+        else:
+            y = fused._log_unit(x)
+        tl.store(out_ptr + o, y, mask=m)
+
+
+ELEMENTWISE = {
+    # name: (kernel switch, inputs, float64 truth, relative error allowed: a few ulp, plus for exp(-|x|) the
+    # rounding of its float32 argument x log2(e), 6e-8 |x| relative, which every exp2-based exp shares)
+    "softplus": (0, torch.linspace(-30, 30, 4001), lambda x: torch.nn.functional.softplus(x),
+                 lambda x: 4e-7 + 6e-8 * x.abs()),
+    "sigmoid": (1, torch.linspace(-30, 30, 4001), torch.sigmoid, lambda x: 4e-7 + 6e-8 * x.abs()),
+    "1 - exp(-e)": (2, torch.cat([torch.logspace(-30, 0, 2001), torch.linspace(0.4, 60, 2001)]),
+                    lambda e: -torch.expm1(-e), lambda e: 3e-7 + 6e-8 * e),
+    "log": (3, torch.cat([torch.logspace(-37.9, 0, 3001), 1 - torch.logspace(-7, -0.2, 1001)]), torch.log,
+            lambda u: torch.full_like(u, 3e-7)),
+}
+
+
+@pytest.mark.skipif(not fused.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("name", list(ELEMENTWISE))
+def test_kernel_arithmetic_keeps_float32_precision(name):
+    """The polynomials that replace log1p, the division of the sigmoid, expm1 and log hold float32
+    precision (a few ulp) over their whole range, the confident-background tail included."""
+    which, x, truth, tolerance = ELEMENTWISE[name]
+    x32 = x.float().to(device())
+    out = torch.full_like(x32, float("nan"))
+    _elementwise_kernel[(triton.cdiv(x32.numel(), 1024),)](x32, out, x32.numel(), WHICH=which, BLOCK=1024)
+    exact = truth(x32.double().cpu())
+    relative = (out.double().cpu() - exact).abs() / exact.abs().clamp_min(1e-300)
+    worst = (relative / tolerance(x32.double().cpu())).argmax()
+    assert relative[worst] <= tolerance(x32.double().cpu())[worst], (
+        f"{name}: relative error {relative[worst].item():.3g} at {x32[worst].item():.6g}")
+
+
+def test_tiles_on_the_background_path_have_targets_exactly_zero():
+    """Wherever the kernels' tile test sends a tile to the background path, the reference's float32
+    target is exactly 0 at every pixel: skipping the exp and the entropy there is exact."""
+    gen = torch.Generator().manual_seed(16)
+    n, c, h, w = 4, 20, 100, 130
+    segments = torch.rand(n, c, 2, 2, generator=gen) * torch.tensor([w * 1.4, h * 1.4]) - torch.tensor([w * 0.2, h * 0.2])
+    segments[:, :8, 1] = segments[:, :8, 0]  # joints
+    segments[:, 8, 1, 1] = segments[:, 8, 0, 1]  # horizontal and vertical bones
+    segments[:, 9, 1, 0] = segments[:, 9, 0, 0]
+    sigma = torch.rand(c, generator=gen) * 1.2 + 0.2
+    for layout, strides in [("contiguous", (c * h * w, h * w, w, 1)), ("channels_last", (c * h * w, 1, w * c, c))]:
+        config = fused.launch_config(c, h, w, strides, 16)
+        near = fused.near_tiles(segments, sigma, h, w, config)  # (N, channel blocks, tiles down, across)
+        targets = ref.heatmap_targets(segments, sigma, h, w)
+        bc, bh, bw = config["BLOCK_C"], config["BLOCK_H"], config["BLOCK_W"]
+        pad = (0, -w % bw, 0, -h % bh, 0, -c % bc)
+        tiles = torch.nn.functional.pad(targets, pad).view(n, -1, bc, near.shape[2], bh, near.shape[3], bw)
+        tile_max = tiles.amax(dim=(2, 4, 6))
+        assert torch.all(tile_max[~near] == 0), f"{layout}: a tile with a non-zero target took the background path"
+        if layout == "contiguous":  # one channel per tile: the test is worth its cost
+            assert (~near).float().mean() > 0.4, "the test should send most of these tiles to the background"
+            needless = (near & (tile_max == 0)).float().sum() / near.float().sum()
+            assert needless < 0.4, f"{needless:.2f} of the full-path tiles have no non-zero target"
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout, weight gradients and the host path
+
+
+def test_gradient_is_written_in_the_logits_layout():
+    gen = torch.Generator().manual_seed(17)
+    logits = (torch.randn(2, 5, 6, 7, generator=gen)).to(device()).contiguous(memory_format=torch.channels_last)
+    x = logits.clone().requires_grad_(True)
+    score = dk.pose_score(x, torch.rand(2, 5, 2, device=device()) * 6, torch.ones(2, 5, device=device()), 1.0, 1,
+                          backend="triton")
+    (grad,) = torch.autograd.grad(score.sum(), x)
+    assert grad.stride() == logits.stride()
+
+
+def test_fused_weight_gradients_match_reference():
+    gen = torch.Generator().manual_seed(18)
+    logits = torch.randn(6, 4, 9, 8, generator=gen).to(device())
+    joints = (torch.rand(6, 4, 2, generator=gen) * 8).to(device())
+    weights = (torch.rand(3, 2, 4, generator=gen) * (torch.rand(3, 2, 4, generator=gen) > 0.3)).to(device())
+    weights[2] = 0.0
+    upstream = torch.randn(3, generator=gen).to(device())
+    grads = {}
+    for backend in ("triton", "reference"):
+        w = weights.clone().requires_grad_(True)
+        score = dk.pose_score(logits, joints, w, 1.3, num_views=2, backend=backend)
+        (grads[backend],) = torch.autograd.grad(score, w, upstream)
+    assert_rel_close(grads["triton"], grads["reference"], 1e-5, "weight gradients")
+
+
+def test_pose_score_makes_three_launches_and_never_waits_for_the_device(monkeypatch):
+    """A training step's reward (validate=False, as PoseReward passes after its first call): forward and
+    backward together launch the divergence kernel, the weighting kernel and the backward kernel, and
+    nothing reads a device value on the host."""
+    from launch_counter import LaunchCounter
+
+    monkeypatch.setattr(fused, "_new_output", lambda shape, device, dtype: torch.empty(shape, device=device, dtype=dtype))
+    gen = torch.Generator().manual_seed(19)
+    b, v, c = 2, 6, 43
+    logits = torch.randn(b * v, c, 12, 12, generator=gen).to(device()).requires_grad_(True)
+    segments = (torch.rand(b * v, c, 2, 2, generator=gen) * 12).to(device())
+    weights = (torch.rand(b, v, c, generator=gen) > 0.2).float().to(device())
+    upstream = torch.ones(b, device=device())
+    with LaunchCounter() as counter:
+        score = dk.pose_score(logits, segments, weights, 1.0, num_views=v, backend="triton", validate=False)
+        torch.autograd.grad(score, logits, upstream)
+    assert dict(counter.launches) == {"triton:forward": 1, "triton:score": 1, "triton:backward": 1}
+    assert counter.host_reads == 0
+    with LaunchCounter() as checked:
+        dk.pose_score(logits, segments, weights, 1.0, num_views=v, backend="triton")
+    assert checked.host_reads == 1, "validate=True checks values with one host read"
