@@ -20,7 +20,7 @@ from drpose_kernels import pose_score
 
 class PoseReward(nn.Module):
     def __init__(self, g_skel: GSkel, rig: ViewRig, num_views: int, sigma: float, backend: str = "auto",
-                 include_bones: bool = True):
+                 include_bones: bool = True, validate: bool = True):
         super().__init__()
         self.g_skel = g_skel.requires_grad_(False).eval()
         self.rig = rig
@@ -28,6 +28,7 @@ class PoseReward(nn.Module):
         self.sigma = float(sigma)
         self.backend = backend
         self.include_bones = include_bones
+        self.validate = validate  # the op's value checks (one host sync); off for shape-only (fake) tensors
 
     @classmethod
     def from_bundle(cls, bundle, sigma: float | None = None, backend: str = "auto",
@@ -50,4 +51,4 @@ class PoseReward(nn.Module):
         logits = self.logits(x0)
         segments, weights = self.targets(joints, framing, x0.shape[-1])
         return pose_score(logits, segments.to(logits.device), weights.to(logits.device), self.sigma, NUM_BODY_VIEWS,
-                          backend=self.backend)
+                          backend=self.backend, validate=self.validate)
