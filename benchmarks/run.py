@@ -2,13 +2,17 @@
 
     python benchmarks/run.py {kernel,trainer,all} [--device cuda|cpu] [--out DIR] [--quick]
     python benchmarks/run.py kernel --compile-only [--targets sm_80,sm_90] [--quick]
+    python benchmarks/run.py dryrun [--config configs/pshuman.yaml] [--sweep config] [--g-skel] [--out DIR]
 
 kernel: the fused PoseScore op vs the eager and compiled PyTorch reference (forward, backward, full),
 plus a sweep over heatmap sizes. kernel --compile-only: every kernel variant compiled for real GPU
 targets without a GPU, with registers, spills, instruction mix per element and a static roofline for
-H100/H200 (``kernel_static.json`` / ``.md``; ``--quick`` compiles a covering set at one shape). trainer: one full DrPose training step under DeepSpeed at K = 1, 2, 4, 8
-gradient-carrying steps with activation checkpointing off / on / on + offload, ZeRO-2 and ZeRO-3, a
-sweep over views, and on GPU the real-size PSHuman UNet. Each suite writes ``<suite>_<device>.json``
+H100/H200 (``kernel_static.json`` / ``.md``; ``--quick`` compiles a covering set at one shape). trainer: the
+trainer's own step (``drpose.training.step.train_step``) under DeepSpeed at K = 1, 2, 4, 8
+gradient-carrying steps with activation checkpointing off / per UNet call / inside the UNet too / with
+offload, ZeRO-2 and ZeRO-3. dryrun: one training step of a config at its real size on fake tensors (no GPU,
+no weights): peak memory by category, FLOPs and a modelled step time on H100 and H200, per configuration
+(``benchmarks/dryrun.py``). Each suite writes ``<suite>_<device>.json``
 (rows in one schema + device facts + versions), ``<suite>_<device>.md`` and PNG plots under ``--out``
 (default ``benchmarks/results``). ``--quick`` runs a small CPU subset in about a minute.
 
@@ -30,17 +34,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dryrun  # noqa: E402
 import kernel_suite  # noqa: E402
 from common import device_facts, timestamp, versions, write_results  # noqa: E402
 from drpose.memory import cpu_peak_is_exact, exact_cpu_env  # noqa: E402
 from drpose.training.rendezvous import free_port  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["kernel", "trainer", "all"], help="which suite to run")
+    parser.add_argument("suite", choices=["kernel", "trainer", "dryrun", "all"],
+                        help="which suite to run (all: kernel and trainer)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON, Markdown and PNG results")
     parser.add_argument("--quick", action="store_true", help="a small CPU subset (about a minute)")
@@ -55,6 +62,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "separated; default: the benchmark shapes, DrPose's and the size sweep)")
     parser.add_argument("--no-compile", action="store_true", help="kernel suite: skip the torch.compile reference")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="the run config whose step is measured (dryrun: configs/pshuman.yaml; trainer: its "
+                             "bundle, LoRA and reward, default configs/tiny.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config override (repeatable), e.g. --set model.pipeline=DIR --set model.g_skel=DIR")
+    parser.add_argument("--sweep", choices=["none", "config"], default="none",
+                        help="dryrun: 'config' adds one change at a time (checkpointing off / per call / inside the "
+                             "UNet, groups per call, K)")
+    parser.add_argument("--g-skel", action="store_true", help="dryrun: also g_skel training and VAE encoding")
+    parser.add_argument("--tiny", action="store_true", help="dryrun: a small model of the same structure")
+    parser.add_argument("--exact", action="store_true", help="dryrun: execute every UNet call (slower)")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="dryrun: skip the check against real CPU tensors at tiny size")
+    parser.add_argument("--resume", action="store_true", help="dryrun: reuse configurations already in --out")
+    parser.add_argument("--measured-only", action="store_true",
+                        help="dryrun: report the configurations already in --out, measuring no new ones")
     return parser.parse_args(argv)
 
 
@@ -96,8 +119,10 @@ def header(title: str, facts: dict, device: torch.device, meta: dict) -> str:
     if device.type == "cpu":
         lines.append("- peak memory: process peak RSS (exact: allocations unmapped on free)" if cpu_peak_is_exact()
                      else "- peak memory: process peak RSS (approximate)")
-    if "tiny_lora" in meta:
-        lines.append(f"- tiny-world adapters: {meta['tiny_lora']}")
+    if "model" in meta:
+        lines.append(f"- model: {meta['model']}")
+    if "lora" in meta:
+        lines.append(f"- adapters: {meta['lora']}")
     if "note" in meta:
         lines.append(f"- note: {meta['note']}")
     return "\n".join(lines) + "\n\n"
@@ -189,6 +214,12 @@ def main(argv=None) -> int:
         print(f"[bench] {time.perf_counter() - started:7.1f}s  {message}", flush=True)
 
     written = []
+    if args.suite == "dryrun":
+        written += dryrun.run(args.config or ROOT / "configs" / "pshuman.yaml", args.out, sweep=args.sweep, g_skel=args.g_skel, tiny=args.tiny,
+                              exact=args.exact, validation=not args.no_validate, resume=args.resume,
+                              measured_only=args.measured_only,
+                              overrides=args.overrides, progress=progress,
+                              meta_extra={"timestamp": timestamp(), "host": facts, "versions": versions()})
     if args.suite in ("kernel", "all"):
         dtypes = [d.strip() for d in (args.dtypes or "fp32,bf16").split(",") if d.strip()]
         unknown = [d for d in dtypes if d not in kernel_suite.DTYPES]
@@ -213,19 +244,18 @@ def main(argv=None) -> int:
         import trainer_suite  # the training stack, imported only when its suite runs
 
         ensure_process_group()
-        on_gpu = device.type == "cuda"
         settings = trainer_suite.TrainerSettings(
             device=device,
             ks=[1, 2] if args.quick else [1, 2, 4, 8],
-            modes=["off", "on"] if args.quick else ["off", "on", "on+offload"],
-            zero_configs=["ds_zero2.json"] if args.quick else
-            (["ds_zero2.json", "ds_zero3.json", "ds_zero3_offload.json"] if on_gpu else ["ds_zero2.json", "ds_zero3.json"]),
-            num_steps=4 if args.quick else 10,
+            modes=["off", "call"] if args.quick else ["off", "call", "call+unet", "call+offload"],
+            zero_configs=["ds_zero2.json"] if args.quick else ["ds_zero2.json", "ds_zero3.json"],
+            num_steps=3 if args.quick else 10,
             batch_size=1 if args.quick else 2,
             warmup=1,
             repeats=args.repeats or (2 if args.quick else 3),
-            view_counts=[] if args.quick else [2, 4, 6],
-            real_size=on_gpu and not args.quick,
+            guidance_scale=1.0 if args.quick else 3.0,
+            config=args.config or ROOT / "configs" / "tiny.yaml",
+            overrides=tuple(args.overrides),
         )
         rows, meta = trainer_suite.run(settings, progress)
         markdown = header("Trainer benchmark", facts, device, meta) + trainer_suite.markdown(rows)

@@ -50,21 +50,27 @@ def test_cpu_run_says_fused_figures_need_a_gpu(quick_kernel_run):
 
 
 @pytest.mark.slow
-def test_quick_trainer_benchmark_measures_steps_and_memory(tmp_path):
+def test_quick_trainer_benchmark_measures_the_trainers_step_and_memory(tmp_path):
+    from pshuman_fixtures import write_bundle
+
+    pipeline, g_skel = write_bundle(tmp_path / "bundle", latent_size=12)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "trainer", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "trainer", "--quick", "--device", "cpu", "--out", str(tmp_path),
+         "--set", f"model.pipeline={pipeline}", "--set", f"model.g_skel={g_skel}", "--set", "preserve.weight=0.3"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     payload = json.loads((tmp_path / "trainer_cpu_quick.json").read_text())
     assert payload["meta"]["cpu_peak_exact"] is True, "run.py re-executes itself for exact CPU peak memory"
+    assert "drpose.training.step.train_step" in payload["meta"]["step"]
+    assert str(pipeline) in payload["meta"]["model"] and "12x12 latents" in payload["meta"]["model"]
     rows = payload["rows"]
-    assert {(r["params"]["K"], r["params"]["checkpointing"]) for r in rows} == {(1, "off"), (2, "off"), (1, "on"), (2, "on")}
+    assert {(r["params"]["K"], r["params"]["checkpointing"]) for r in rows} == {(1, "off"), (2, "off"), (1, "call"), (2, "call")}
     for row in rows:
-        assert row["median_ms"] > 0 and row["peak_memory_bytes"] > 0
-        assert 0 < row["extra"]["reward_share"] < 1
+        assert row["median_ms"] > 0 and row["peak_memory_bytes"] > 0 and row["params"]["latent"] == 12
+        assert 0 < row["extra"]["reward_share"] < 1 and row["params"]["preserve_weight"] == 0.3
     assert (tmp_path / "trainer_cpu_quick.md").exists() and (tmp_path / "trainer_cpu_quick_growth.png").exists()
     markdown = (tmp_path / "trainer_cpu_quick.md").read_text()
-    assert "checkpointing on: peak memory at K=2 is" in markdown and "tiny-world adapters: rank" in markdown
+    assert "checkpointing call: peak memory at K=2 is" in markdown and "adapters: rank" in markdown

@@ -132,6 +132,9 @@ class DDIMSampler:
         self.groups_per_call = groups_per_call
         scheduler.set_timesteps(num_steps)
         self.timesteps = scheduler.timesteps.clone().long()
+        # as Python numbers too: the step loop reads them without a host sync (and works on fake tensors)
+        self.timestep_values = [int(t) for t in self.timesteps]
+        self.final_alpha = float(scheduler.final_alpha_cumprod)
 
     @property
     def guided(self) -> bool:
@@ -198,7 +201,7 @@ class DDIMSampler:
             else:
                 with torch.no_grad():
                     prediction = self.predict(model, model_input, t, cond)
-            result.trace.append(StepTrace(index, int(t), carries_grad, model_input.requires_grad))
+            result.trace.append(StepTrace(index, self.timestep_values[index], carries_grad, model_input.requires_grad))
             # the update in fp32, stored back in the latents' dtype: in bf16, alpha_bar(t) of a low-noise step
             # (0.998 at t = 1) rounds to 1, which would drop the prediction (and its gradient) from x0
             x32 = x.float()
@@ -208,7 +211,7 @@ class DDIMSampler:
             if index + 1 < self.num_steps:
                 alpha_prev = alphas_at(self.scheduler, self.timesteps[index + 1].view(1), x32)
             else:
-                alpha_prev = torch.full_like(alpha, float(self.scheduler.final_alpha_cumprod))
+                alpha_prev = torch.full_like(alpha, self.final_alpha)
             x = (alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps).to(noise.dtype)
         return result
 
