@@ -40,7 +40,8 @@ def test_family_breakdown_splits_the_metrics_by_kind_of_pose():
     exact, off = outputs_with_errors(0.0, 0.0), outputs_with_errors(5.0, 0.05)
     # The fine-tuned model: samples 0 and 2 ("split") exact, 1 and 3 ("tumble") 5 px / 5 cm off.
     exact_split = torch.tensor([True, False, True, False])
-    mixed = EvaluationOutputs(*(torch.where(exact_split.view(-1, *[1] * (getattr(exact, f).ndim - 1)),
+    mixed = EvaluationOutputs(*(None if getattr(exact, f) is None else
+                                torch.where(exact_split.view(-1, *[1] * (getattr(exact, f).ndim - 1)),
                                             getattr(exact, f), getattr(off, f)) for f in EvaluationOutputs.__dataclass_fields__))
     breakdown = family_breakdown({"base": off, "finetuned": mixed}, ["split", "tumble", "split", "tumble"], 64, names)
     assert list(breakdown) == ["split", "tumble"]
