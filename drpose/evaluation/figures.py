@@ -16,6 +16,18 @@ TRUTH_COLOUR = "#00a000"
 ESTIMATE_COLOUR = "#e00000"
 
 
+def save_figure(figure, path: str | Path, title: str = "") -> Path:
+    """Title, lay out, write (creating the folder) and close a figure; returns its path."""
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def _draw_skeleton(axis, points: torch.Tensor, colour: str, style: str) -> None:
     for parent, child in BODY22_BONES:
         axis.plot(points[[parent, child], 0], points[[parent, child], 1], style, color=colour, lw=0.9, alpha=0.9)
@@ -44,12 +56,7 @@ def keypoint_grid(rows: list[dict], view_names: tuple[str, ...], path: str | Pat
                 axis.set_title(view_names[v], fontsize=8)
             if v == 0:
                 axis.set_ylabel(row["label"], fontsize=7)
-    if title:
-        figure.suptitle(title + "  (green dashed: truth, red: keypoints read from the image)", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path, title and title + "  (green dashed: truth, red: keypoints read from the image)")
 
 
 def metric_bars(results: dict[str, dict[str, dict]], path: str | Path) -> Path:
@@ -68,10 +75,7 @@ def metric_bars(results: dict[str, dict[str, dict]], path: str | Path) -> Path:
         axis.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(sets))], sets)
         axis.set_title(label, fontsize=9)
     axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def reward_curve(rows: list[dict], path: str | Path, smooth: int = 10) -> Path:
@@ -92,7 +96,4 @@ def reward_curve(rows: list[dict], path: str | Path, smooth: int = 10) -> Path:
         axis.set_xlabel("optimizer step")
         axis.set_title(label, fontsize=9)
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)

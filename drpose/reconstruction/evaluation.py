@@ -92,6 +92,8 @@ def mesh_comparison(rows: list[dict[str, trimesh.Trimesh | None]], path: str | P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from drpose.evaluation.figures import save_figure
+
     names = list(rows[0])
     figure, axes = plt.subplots(len(rows), len(names) * angles, figsize=(1.1 * len(names) * angles, 1.6 * len(rows)),
                                 squeeze=False)
@@ -110,14 +112,7 @@ def mesh_comparison(rows: list[dict[str, trimesh.Trimesh | None]], path: str | P
                     axis.set_title(name, fontsize=8, loc="left")
                 if n == 0 and a == 0:
                     axis.set_ylabel(labels[r] if labels else f"#{r}", fontsize=7)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, title)
 
 
 def markdown_rows(set_name: str, summaries: dict[str, dict]) -> list[str]:

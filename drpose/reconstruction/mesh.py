@@ -141,6 +141,8 @@ def turntable(meshes: dict[str, trimesh.Trimesh], path: str | Path, angles: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from drpose.evaluation.figures import save_figure
+
     figure, axes = plt.subplots(len(meshes), angles, figsize=(1.3 * angles, 1.5 * len(meshes)), squeeze=False)
     for row, (name, mesh) in enumerate(meshes.items()):
         for column, image in enumerate(turntable_images(mesh, size, angles)):
@@ -150,11 +152,4 @@ def turntable(meshes: dict[str, trimesh.Trimesh], path: str | Path, angles: int 
             axis.set_yticks([])
             if column == 0:
                 axis.set_ylabel(name, fontsize=7)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, title)
