@@ -1009,8 +1009,8 @@ def validate(arch: Architecture, settings: StepSettings, rss: bool = True) -> di
 def sweep_settings(base: StepSettings, sweep: str) -> list[tuple[str, StepSettings]]:
     """The configurations a dry run measures: the config alone, or (``sweep="config"``) the config and
     one change at a time: checkpointing off / per UNet call / per call + inside the UNet, groups per
-    call, K (activation offload and guidance go through ``--set``, e.g. ``--set
-    sampling.offload_activations=true``)."""
+    call, K, classifier-free guidance on / off (guidance scale 1 runs one branch) and activation offload
+    on / off (any other setting goes through ``--set``, e.g. ``--set sampling.num_steps=50``)."""
     rows = [("config", base)]
     if sweep == "none":
         return rows
@@ -1024,6 +1024,10 @@ def sweep_settings(base: StepSettings, sweep: str) -> list[tuple[str, StepSettin
         ("per call + inside UNet, all groups", change(checkpointing=True, unet_checkpointing=True, groups_per_call=0)),
     ]
     rows += [(f"config, K={k}", change(num_grad_steps=k)) for k in (1, 4, 8) if k != base.num_grad_steps]
+    if base.guidance_scale != 1.0:
+        rows.append(("config, guidance 1 (no CFG)", change(guidance_scale=1.0)))
+    rows.append((f"config, activation offload {'off' if base.offload_activations else 'on'}",
+                 change(offload_activations=not base.offload_activations)))
     return rows
 
 

@@ -162,3 +162,20 @@ def test_cli_writes_a_labelled_dry_run_at_tiny_size(tmp_path):
     markdown = (tmp_path / "dryrun_pshuman_tiny.md").read_text()
     assert "Dry-run / model figures, not measurements on a GPU" in markdown and "989 TFLOP/s" in markdown
     assert (tmp_path / "dryrun_pshuman_tiny_memory.png").stat().st_size > 0
+
+
+def test_config_sweep_measures_guidance_off_and_activation_offload(arch, fake_and_real):
+    base = replace(SMALL, guidance_scale=3.0)
+    rows = dict(dryrun.sweep_settings(base, "config"))
+    assert rows["config, guidance 1 (no CFG)"] == SMALL
+    assert rows["config, activation offload on"] == replace(base, offload_activations=True)
+    one_branch, _ = fake_and_real
+    with_cfg = dryrun.measure_step(arch, base, fake=True)
+    # guidance runs the conditional and the unconditional branch: about twice the UNet work
+    assert one_branch["flops"] < 0.75 * with_cfg["flops"]
+    assert one_branch["peak_memory_bytes"] < with_cfg["peak_memory_bytes"]
+    # the offload sends the saved activations to the host: counted there, not on the device
+    moved = dryrun.measure_step(arch, replace(SMALL, offload_activations=True), fake=True)
+    assert one_branch["offload_bytes"] == 0 and moved["offload_bytes"] > 0
+    assert moved["categories_bytes"]["activations"] < one_branch["categories_bytes"]["activations"]
+    assert moved["flops"] == one_branch["flops"]
