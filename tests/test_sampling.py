@@ -245,7 +245,7 @@ cond = Conditioning(torch.randn(2, 7, 4, 18, 18), torch.randn(2, 32))
 figures = {}
 for checkpointing in (True, False):
     sampler = DDIMSampler(make_scheduler(), 5, 7, checkpointing=checkpointing)
-    for k in (1, 2, 4):
+    for k in (1, 4):
         plan = SamplingPlan(5, tuple(range(5 - k, 5)), False)
         def step():
             sampler.sample(pipeline.predict, cond, noise, plan).x0.square().mean().backward()
@@ -258,13 +258,13 @@ print(json.dumps(figures))
 
 @pytest.mark.slow
 def test_peak_memory_of_a_training_backward_is_flat_in_k_with_checkpointing():
-    """Peak RSS of sample-with-gradients + backward (2 objects x 14 images, the tiny world's UNet), K = 1, 2, 4."""
+    """Peak RSS of sample-with-gradients + backward (2 objects x 14 images, the tiny world's UNet), K = 1 and 4."""
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True,
                          env=exact_cpu_env(), timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     mib = {k: v / 2**20 for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
     print("peak extra memory (MiB):", {k: round(v, 1) for k, v in mib.items()})
-    flat = [mib[f"checkpointing=True K={k}"] for k in (1, 2, 4)]
-    plain = [mib[f"checkpointing=False K={k}"] for k in (1, 2, 4)]
-    assert max(flat) <= 1.15 * flat[0], f"checkpointed peak grows with K: {flat}"
-    assert plain[2] >= 2.5 * plain[0], f"without checkpointing the peak should grow with K: {plain}"
+    flat = [mib[f"checkpointing=True K={k}"] for k in (1, 4)]
+    plain = [mib[f"checkpointing=False K={k}"] for k in (1, 4)]
+    assert flat[1] <= 1.15 * flat[0], f"checkpointed peak grows with K: {flat}"
+    assert plain[1] >= 2.5 * plain[0], f"without checkpointing the peak should grow with K: {plain}"
