@@ -390,7 +390,7 @@ def build_step(arch: Architecture, settings: StepSettings, mode=None, seed: int 
     pipeline = MultiViewPipeline(unet, vae, scheduler, image_encoder,
                                  TensorCLIPImageProcessor(arch.image_encoder["image_size"]), normalizer, noising,
                                  tensors["prompt_embeds"])
-    reward = PoseReward(g_skel, ViewRig(), arch.num_views, settings.sigma, backend="auto", validate=mode is None)
+    reward = PoseReward(g_skel, ViewRig(), arch.num_views, settings.sigma, backend="auto")
     model = StepModel(pipeline, unet, unet, reward, sampler, settings.kl_weight, seed, dtype=dtype)
     step_batch = StepBatch(tensors["images"], tensors["joints"], tensors["noise"], list(range(batch)), 0)
     # DeepSpeed runs the optimizer in the trainer; AdamW holds the same state (two fp32 moments per weight)
@@ -887,7 +887,7 @@ def measure_g_skel(arch: Architecture, samples: int = DRPOSE15K_SAMPLES, batch_v
         tracker = StepMemoryTracker()
         tracker.track_external(g_skel, optimizer, inputs, segments, weights)
         with tracker:
-            loss = pose_loss(g_skel, inputs, segments, weights, sigma, validate=False)
+            loss = pose_loss(g_skel, inputs, segments, weights, sigma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -51,6 +51,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from drpose_kernels._validation import carries_values
 
 from drpose.skeleton import BODY22_BONES, NUM_BODY_JOINTS
 
@@ -87,16 +88,8 @@ def _check_points(name: str, points: torch.Tensor, last: int = 3) -> None:
         raise ValueError(f"{name}: expected a tensor of shape (B, J, {last}), got {shape}")
     if not points.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {points.dtype}")
-    if has_values(points) and not torch.isfinite(points).all():
+    if carries_values(points) and not torch.isfinite(points).all():
         raise ValueError(f"{name}: contains NaN or inf values")
-
-
-def has_values(tensor: torch.Tensor) -> bool:
-    """False for tensors that carry shapes only (fake or meta tensors, as in the training step's dry run),
-    whose values cannot be checked."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not (tensor.is_meta or is_fake(tensor))
 
 
 @dataclass(frozen=True)

@@ -122,11 +122,9 @@ def targets(views: ViewLatents, rig: ViewRig) -> tuple[torch.Tensor, torch.Tenso
     return segments.flatten(0, 1), weights.flatten(0, 1)
 
 
-def pose_loss(g_skel: GSkel, inputs: torch.Tensor, segments: torch.Tensor, weights: torch.Tensor, sigma: float,
-              validate: bool = True) -> torch.Tensor:
-    """Mean over views of the weighted heatmap divergence: minus PoseScore with one view per sample
-    (``validate``: the op's value checks, off for shape-only tensors as in the dry run)."""
-    return -pose_score(g_skel(inputs), segments, weights, sigma, num_views=1, validate=validate).mean()
+def pose_loss(g_skel: GSkel, inputs: torch.Tensor, segments: torch.Tensor, weights: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Mean over views of the weighted heatmap divergence: minus PoseScore with one view per sample."""
+    return -pose_score(g_skel(inputs), segments, weights, sigma, num_views=1).mean()
 
 
 def _save_state(out: Path, state: dict) -> None:

@@ -22,7 +22,7 @@ from drpose_kernels import pose_score
 
 class PoseReward(nn.Module):
     def __init__(self, g_skel: GSkel, rig: ViewRig, num_views: int, sigma: float, backend: str = "auto",
-                 include_bones: bool = True, validate_every_call: bool = False, validate: bool = True):
+                 include_bones: bool = True, validate_every_call: bool = False):
         super().__init__()
         self.g_skel = g_skel.requires_grad_(False).eval()
         self.rig = rig
@@ -32,7 +32,6 @@ class PoseReward(nn.Module):
         self.include_bones = include_bones
         self.validate_every_call = validate_every_call
         self.values_checked = False
-        self.validate = validate  # value checks at all (one host sync); off for shape-only (fake) tensors
 
     @classmethod
     def from_bundle(cls, bundle, sigma: float | None = None, backend: str = "auto",
@@ -54,8 +53,7 @@ class PoseReward(nn.Module):
         """x0: generated rows (2 * B * V, c, h, w) in the multi-view layout; joints (B, 22, 3). Returns (B,)."""
         logits = self.logits(x0)
         segments, weights = self.targets(joints, framing, x0.shape[-1])
-        check = self.validate and (self.validate_every_call or not self.values_checked)
         score = pose_score(logits, segments.to(logits.device), weights.to(logits.device), self.sigma, NUM_BODY_VIEWS,
-                           backend=self.backend, validate=check)
+                           backend=self.backend, validate=self.validate_every_call or not self.values_checked)
         self.values_checked = True
         return score

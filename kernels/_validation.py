@@ -113,8 +113,19 @@ def check_weights(weights, logits: torch.Tensor, num_views) -> torch.Tensor:
     return weights
 
 
+def carries_values(tensor: torch.Tensor) -> bool:
+    """False for tensors that carry shapes only (fake tensors under ``FakeTensorMode``, as in a dry run of
+    a training step, or meta tensors): their values cannot be checked."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (tensor.is_meta or is_fake(tensor))
+
+
 def check_values(segments: torch.Tensor, sigma: float | torch.Tensor, weights: torch.Tensor | None = None) -> None:
-    """Value checks with one host synchronisation: finite segments, sigma > 0, weights >= 0 and finite."""
+    """Value checks with one host synchronisation: finite segments, sigma > 0, weights >= 0 and finite.
+    Shape-only inputs (:func:`carries_values`) have no values to check."""
+    if not carries_values(segments):
+        return
     flags = [~torch.isfinite(segments.detach()).all()]
     names = ["segments must be finite (got NaN or inf); mark unusable keypoints with weight 0 instead"]
     if isinstance(sigma, torch.Tensor):
