@@ -2,6 +2,8 @@
 
 * Without CUDA, Triton kernels run in Triton's interpreter: TRITON_INTERPRET must be set before
   triton.jit decorates anything, so it is set here, before any test module imports drpose_kernels.
+* Under pytest-xdist (the default: ``-n auto``) every worker and the processes its tests launch compute
+  with an equal share of the cores (``OMP_NUM_THREADS``), so that the workers do not oversubscribe them.
 * Hypothesis runs derandomized by default ("ci" profile) so that CI is reproducible; select
   ``--hypothesis-profile=explore`` for fresh random examples while developing.
 """
@@ -12,6 +14,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = max(1, len(os.sched_getaffinity(0)) // max(_workers, 1))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
