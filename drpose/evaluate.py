@@ -24,6 +24,8 @@ meshes and scores them against the true surface (Chamfer, P2S, normal consistenc
 
 from __future__ import annotations
 
+import contextlib
+
 import argparse
 import json
 from pathlib import Path
@@ -126,9 +128,12 @@ def add_reconstruction(metrics: dict, outputs: EvaluationOutputs, joints: torch.
     from drpose.evaluation.metrics_run import oracle_reconstruction_scores, reconstruction_scores
     from drpose.reconstruction.evaluation import mesh_comparison, truth_mesh
 
+    from drpose.reconstruction.reconstruct import reconstruction_pool
+
     count = min(count, len(joints))
-    scores = reconstruction_scores(outputs, bundle.rig, list(range(count)))
-    oracle = oracle_reconstruction_scores(joints[:count], bundle.rig, bundle.image_size)
+    with reconstruction_pool(2 * count) or contextlib.nullcontext() as pool:
+        scores = reconstruction_scores(outputs, bundle.rig, list(range(count)), executor=pool)
+        oracle = oracle_reconstruction_scores(joints[:count], bundle.rig, bundle.image_size, executor=pool)
     metrics["reconstruction"], metrics["reconstruction_oracle"] = scores.summary(), oracle.summary()
     if figure is not None:
         rows = [{"truth": truth_mesh(joints[i]), "oracle": oracle.meshes()[i], label: scores.meshes()[i]}

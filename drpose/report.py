@@ -1,7 +1,7 @@
 """The report of a DrPose run: base vs fine-tuned model on held-out ``hard`` and ``narrow`` poses.
 
     python -m drpose.report --run runs/demo [--out runs/demo] [--num 48] [--steps 10]
-                            [--reconstruction | --no-reconstruction] [--reconstruction-num 3]
+                            [--reconstruction | --no-reconstruction] [--reconstruction-num 6]
 
 Writes ``report.json`` (``{set: {"base": metrics, "finetuned": metrics}}`` plus ``by_family``: the same
 split by the kind of pose, e.g. ``hard``'s inversions, splits, bends and tumbles; and ``meta``), ``report.md``
@@ -69,9 +69,9 @@ def family_breakdown(runs: dict[str, EvaluationOutputs], families: list[str], im
 
 
 RECONSTRUCTION_FAMILY_METRICS = ("chamfer", "p2s", "s2p", "fscore@2cm", "failures", "samples")
-# Samples reconstructed per set by default: with both models and the oracle, 2 sets x 3 x 3 = 18 reconstructions,
-# about 75 s on a 2-core CPU machine at the tiny world's 72 px (README, "3D reconstruction").
-RECONSTRUCTION_NUM = 3
+# Samples reconstructed per set by default: with both models and the oracle, 2 sets x 6 x 3 = 36 reconstructions,
+# one process per core, about 80 s on a 2-core CPU machine at the tiny world's 72 px (README, "3D reconstruction").
+RECONSTRUCTION_NUM = 6
 
 
 def spread_over_families(families: list[str], count: int) -> list[int]:
@@ -93,9 +93,12 @@ def reconstruction_section(joints: torch.Tensor, runs: dict[str, EvaluationOutpu
     from drpose.evaluation.metrics_run import oracle_reconstruction_scores, reconstruction_scores
     from drpose.reconstruction.evaluation import mesh_comparison, truth_mesh
 
+    from drpose.reconstruction.reconstruct import reconstruction_pool
+
     start = time.perf_counter()
-    scores = {model: reconstruction_scores(outputs, rig, picked) for model, outputs in runs.items()}
-    oracle = oracle_reconstruction_scores(joints[picked], rig, size)
+    with reconstruction_pool((len(runs) + 1) * len(picked)) or contextlib.nullcontext() as pool:
+        scores = {model: reconstruction_scores(outputs, rig, picked, executor=pool) for model, outputs in runs.items()}
+        oracle = oracle_reconstruction_scores(joints[picked], rig, size, executor=pool)
     by_family = {}
     kinds = [families[i] for i in picked]
     if len(set(kinds)) > 1:

@@ -197,6 +197,25 @@ def test_views_without_a_body_fail_by_name(narrow_bodies):
         reconstruct(rgb, normal, ViewRig(CameraRig(azimuths_deg=BODY_VIEW_AZIMUTHS, projection="perspective")))
 
 
+def test_a_process_pool_gives_what_one_process_gives(narrow_bodies):
+    from drpose.reconstruction.reconstruct import reconstruction_pool
+
+    joints, rig, rgb, normal = narrow_bodies
+    # two bodies and a sample without one (its error must come back from the worker as it is)
+    rgb3 = torch.cat([rgb, torch.ones_like(rgb[:1])])
+    normal3 = torch.cat([normal, torch.zeros_like(normal[:1])])
+    joints3 = torch.cat([joints, joints[:1]])
+    serial = reconstruct_and_score(rgb3, normal3, joints3, rig, num_samples=2000)
+    with reconstruction_pool(len(rgb3), workers=2) as pool:
+        parallel = reconstruct_and_score(rgb3, normal3, joints3, rig, num_samples=2000, executor=pool)
+    assert [s.error for s in parallel] == [s.error for s in serial] and "no body" in parallel[2].error
+    for one, other in zip(serial, parallel):
+        assert {k: v for k, v in one.metrics.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in other.metrics.items() if k != "seconds"}, nan_ok=True)
+    assert np.array_equal(serial[0].reconstruction.mesh.vertices, parallel[0].reconstruction.mesh.vertices)
+    assert reconstruction_pool(1) is None  # one job: no pool
+
+
 def test_pshuman_layout_unmirrors_and_pastes_the_face_normal():
     from drpose.generate import pshuman_layout
 

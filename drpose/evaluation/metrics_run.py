@@ -101,9 +101,11 @@ def run_model(bundle: ModelBundle, unet, images: torch.Tensor, joints: torch.Ten
                                for f in EvaluationOutputs.__dataclass_fields__))
 
 
-def reconstruction_scores(outputs: EvaluationOutputs, rig, picked: list[int] | None = None, num_samples: int = 5000):
+def reconstruction_scores(outputs: EvaluationOutputs, rig, picked: list[int] | None = None, num_samples: int = 5000,
+                          executor=None):
     """3D reconstruction of the generated views (run with ``keep_normals``) of the samples ``picked`` (indices;
-    default all), scored against their true capsule bodies: :class:`~drpose.reconstruction.evaluation.BatchScores`."""
+    default all), scored against their true capsule bodies: :class:`~drpose.reconstruction.evaluation.BatchScores`
+    (on ``executor``, a :func:`~drpose.reconstruction.reconstruct.reconstruction_pool`, when given)."""
     from drpose.reconstruction.evaluation import score_batch
 
     if outputs.generated_normal is None:
@@ -114,16 +116,16 @@ def reconstruction_scores(outputs: EvaluationOutputs, rig, picked: list[int] | N
         raise ValueError(f"samples {missing}: their normal views were not decoded (keep_normals named other samples)")
     # the outputs hold camera images; the reconstruction reads the model's layout (mirrored views as generated)
     return score_batch(rig.mirror(outputs.generated_rgb[picked]), rig.mirror(outputs.generated_normal[picked]),
-                       outputs.truth3d[picked], rig, num_samples=num_samples)
+                       outputs.truth3d[picked], rig, num_samples=num_samples, executor=executor)
 
 
-def oracle_reconstruction_scores(joints: torch.Tensor, rig, size: int, num_samples: int = 5000):
+def oracle_reconstruction_scores(joints: torch.Tensor, rig, size: int, num_samples: int = 5000, executor=None):
     """The same reconstruction from the true renders of the bodies: the ceiling of the reconstruction metrics."""
     from drpose.reconstruction import oracle_views
     from drpose.reconstruction.evaluation import score_batch
 
     rgb, normal = oracle_views(joints, rig, size)
-    return score_batch(rgb, normal, joints, rig, num_samples=num_samples)
+    return score_batch(rgb, normal, joints, rig, num_samples=num_samples, executor=executor)
 
 
 def summarize(outputs: EvaluationOutputs, image_size: int, view_names: tuple[str, ...]) -> dict:

@@ -58,9 +58,11 @@ class BatchScores:
 
 
 def score_batch(rgb, normal, joints, rig: ViewRig, settings: ReconstructionSettings | None = None,
-                num_samples: int = 10000) -> BatchScores:
-    """Reconstruct and score generated body views (B, 6, 3, R, R), model layout, of bodies ``joints`` (B, 22, 3)."""
-    return BatchScores(reconstruct_and_score(rgb, normal, joints, rig, settings=settings, num_samples=num_samples))
+                num_samples: int = 10000, executor=None) -> BatchScores:
+    """Reconstruct and score generated body views (B, 6, 3, R, R), model layout, of bodies ``joints`` (B, 22, 3)
+    (on ``executor``, a :func:`~drpose.reconstruction.reconstruct.reconstruction_pool`, when given)."""
+    return BatchScores(reconstruct_and_score(rgb, normal, joints, rig, settings=settings, num_samples=num_samples,
+                                             executor=executor))
 
 
 def truth_mesh(joints, sections: int = 24) -> trimesh.Trimesh:

@@ -16,7 +16,10 @@ carving with the normal maps (:mod:`.volume`), marching cubes and clean-up, vert
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import multiprocessing
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -219,33 +222,58 @@ def image_metrics(reconstruction: Reconstruction, geometry: ViewGeometry, truth_
             "psnr_normal": float(np.mean([psnr(normal[v], truth_normal[v]) for v in views]))}
 
 
+def reconstruction_pool(jobs: int, workers: int | None = None) -> concurrent.futures.Executor | None:
+    """A pool of processes for ``jobs`` reconstructions (one per core, at most ``jobs``; each one thread: a
+    reconstruction is mostly single-threaded NumPy/SciPy), or None where one process is all there is. Use it as
+    a context manager and pass it to :func:`reconstruct_and_score` (or ``score_batch``) as ``executor``."""
+    workers = min(workers or len(os.sched_getaffinity(0)), jobs)
+    if workers < 2:
+        return None
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_one_thread)
+
+
+def _one_thread() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def _score_sample(rgb, normal, rig: ViewRig, framing: Framing, normal_frame, settings, truth: CapsuleSurface,
+                  num_samples: int, seed: int, geometry: ViewGeometry, truth_rgb: np.ndarray,
+                  truth_normal: np.ndarray) -> SampleScore:
+    """One sample of :func:`reconstruct_and_score` (a top-level function, so that a process pool can run it)."""
+    try:
+        [reconstruction] = reconstruct(rgb, normal, rig, framing=framing, normal_frame=normal_frame, settings=settings)
+    except ValueError as error:
+        return SampleScore({name: math.nan for name in METRICS}, None, str(error))
+    metrics = surface_metrics(reconstruction.mesh, truth, num_samples, seed)
+    metrics.update(image_metrics(reconstruction, geometry, truth_rgb, truth_normal))
+    metrics["seconds"] = reconstruction.seconds
+    return SampleScore(metrics, reconstruction)
+
+
 def reconstruct_and_score(rgb, normal, joints, rig: ViewRig, normal_frame: str | None = None,
                           settings: ReconstructionSettings | None = None, truth: list[CapsuleSurface] | None = None,
-                          num_samples: int = 10000, seed: int = 0) -> list[SampleScore]:
+                          num_samples: int = 10000, seed: int = 0,
+                          executor: concurrent.futures.Executor | None = None) -> list[SampleScore]:
     """Reconstruct B samples of body views (model layout) of bodies with ``joints`` (B, 22, 3) and score each
-    against its true surface (the capsule bodies of ``joints``, or ``truth``) and true renders.
+    against its true surface (the capsule bodies of ``joints``, or ``truth``) and true renders; the samples run
+    on ``executor`` when given (:func:`reconstruction_pool`), with the same results as in one process.
 
     A sample whose reconstruction fails (e.g. no body in the silhouettes) gets NaN metrics and its error."""
     joints = torch.as_tensor(joints, dtype=torch.float64)
-    count = torch.as_tensor(rgb).shape[0]
+    rgb, normal = torch.as_tensor(rgb), torch.as_tensor(normal)
+    count = rgb.shape[0]
     if joints.dim() != 3 or joints.shape[0] != count:
         raise ValueError(f"joints: expected ({count}, 22, 3) for {count} samples of views, got {tuple(joints.shape)}")
     truth = truth if truth is not None else [CapsuleSurface.from_joints(j) for j in joints]
-    size = torch.as_tensor(rgb).shape[-1]
+    size = rgb.shape[-1]
     geometry = view_geometry(rig, size)
     framing = rig.frame(joints)
     truth_rgb, truth_normal = true_renders(joints, rig, size, framing)
-    scores = []
-    for index in range(count):
-        try:
-            [reconstruction] = reconstruct(torch.as_tensor(rgb)[index : index + 1], torch.as_tensor(normal)[index : index + 1],
-                                           rig, framing=Framing(framing.centre[index : index + 1], framing.half_extent[index : index + 1]),
-                                           normal_frame=normal_frame, settings=settings)
-        except ValueError as error:
-            scores.append(SampleScore({name: math.nan for name in METRICS}, None, str(error)))
-            continue
-        metrics = surface_metrics(reconstruction.mesh, truth[index], num_samples, seed)
-        metrics.update(image_metrics(reconstruction, geometry, truth_rgb[index], truth_normal[index]))
-        metrics["seconds"] = reconstruction.seconds
-        scores.append(SampleScore(metrics, reconstruction))
-    return scores
+    jobs = [(rgb[i : i + 1], normal[i : i + 1], rig,
+             Framing(framing.centre[i : i + 1], framing.half_extent[i : i + 1]), normal_frame, settings, truth[i],
+             num_samples, seed, geometry, truth_rgb[i], truth_normal[i]) for i in range(count)]
+    if executor is None:
+        return [_score_sample(*job) for job in jobs]
+    return [future.result() for future in [executor.submit(_score_sample, *job) for job in jobs]]
