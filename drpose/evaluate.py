@@ -24,8 +24,6 @@ meshes and scores them against the true surface (Chamfer, P2S, normal consistenc
 
 from __future__ import annotations
 
-import contextlib
-
 import argparse
 import json
 from pathlib import Path
@@ -131,7 +129,7 @@ def add_reconstruction(metrics: dict, outputs: EvaluationOutputs, joints: torch.
     from drpose.reconstruction.reconstruct import reconstruction_pool
 
     count = min(count, len(joints))
-    with reconstruction_pool(2 * count) or contextlib.nullcontext() as pool:
+    with reconstruction_pool(2 * count) as pool:
         scores = reconstruction_scores(outputs, bundle.rig, list(range(count)), executor=pool)
         oracle = oracle_reconstruction_scores(joints[:count], bundle.rig, bundle.image_size, executor=pool)
     metrics["reconstruction"], metrics["reconstruction_oracle"] = scores.summary(), oracle.summary()

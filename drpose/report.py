@@ -1,7 +1,7 @@
 """The report of a DrPose run: base vs fine-tuned model on held-out ``hard`` and ``narrow`` poses.
 
     python -m drpose.report --run runs/demo [--out runs/demo] [--num 48] [--steps 10]
-                            [--reconstruction | --no-reconstruction] [--reconstruction-num 6]
+                            [--reconstruction | --no-reconstruction] [--reconstruction-num 4]
 
 Writes ``report.json`` (``{set: {"base": metrics, "finetuned": metrics}}`` plus ``by_family``: the same
 split by the kind of pose, e.g. ``hard``'s inversions, splits, bends and tumbles; and ``meta``), ``report.md``
@@ -69,9 +69,9 @@ def family_breakdown(runs: dict[str, EvaluationOutputs], families: list[str], im
 
 
 RECONSTRUCTION_FAMILY_METRICS = ("chamfer", "p2s", "s2p", "fscore@2cm", "failures", "samples")
-# Samples reconstructed per set by default: with both models and the oracle, 2 sets x 6 x 3 = 36 reconstructions,
-# one process per core, about 80 s on a 2-core CPU machine at the tiny world's 72 px (README, "3D reconstruction").
-RECONSTRUCTION_NUM = 6
+# Samples reconstructed per set by default (one of each kind of hard pose): with both models and the oracle,
+# 2 sets x 4 x 3 = 24 reconstructions on one process per core (README, "3D reconstruction").
+RECONSTRUCTION_NUM = 4
 
 
 def spread_over_families(families: list[str], count: int) -> list[int]:
@@ -96,7 +96,7 @@ def reconstruction_section(joints: torch.Tensor, runs: dict[str, EvaluationOutpu
     from drpose.reconstruction.reconstruct import reconstruction_pool
 
     start = time.perf_counter()
-    with reconstruction_pool((len(runs) + 1) * len(picked)) or contextlib.nullcontext() as pool:
+    with reconstruction_pool((len(runs) + 1) * len(picked)) as pool:
         scores = {model: reconstruction_scores(outputs, rig, picked, executor=pool) for model, outputs in runs.items()}
         oracle = oracle_reconstruction_scores(joints[picked], rig, size, executor=pool)
     by_family = {}

@@ -213,7 +213,8 @@ def test_a_process_pool_gives_what_one_process_gives(narrow_bodies):
         assert {k: v for k, v in one.metrics.items() if k != "seconds"} == pytest.approx(
             {k: v for k, v in other.metrics.items() if k != "seconds"}, nan_ok=True)
     assert np.array_equal(serial[0].reconstruction.mesh.vertices, parallel[0].reconstruction.mesh.vertices)
-    assert reconstruction_pool(1) is None  # one job: no pool
+    with reconstruction_pool(1) as pool:
+        assert pool is None  # one job: no pool
 
 
 def test_pshuman_layout_unmirrors_and_pastes_the_face_normal():

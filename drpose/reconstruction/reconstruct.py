@@ -17,6 +17,7 @@ carving with the normal maps (:mod:`.volume`), marching cubes and clean-up, vert
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import multiprocessing
 import os
@@ -222,20 +223,35 @@ def image_metrics(reconstruction: Reconstruction, geometry: ViewGeometry, truth_
             "psnr_normal": float(np.mean([psnr(normal[v], truth_normal[v]) for v in views]))}
 
 
-def reconstruction_pool(jobs: int, workers: int | None = None) -> concurrent.futures.Executor | None:
-    """A pool of processes for ``jobs`` reconstructions (one per core, at most ``jobs``; each one thread: a
-    reconstruction is mostly single-threaded NumPy/SciPy), or None where one process is all there is. Use it as
-    a context manager and pass it to :func:`reconstruct_and_score` (or ``score_batch``) as ``executor``."""
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def reconstruction_pool(jobs: int, workers: int | None = None):
+    """A pool of processes for ``jobs`` reconstructions (one per core, at most ``jobs``), or None where one
+    process is all there is; pass it to :func:`reconstruct_and_score` (or ``score_batch``) as ``executor``:
+
+        with reconstruction_pool(len(samples)) as pool:
+            scores = reconstruct_and_score(rgb, normal, joints, rig, executor=pool)
+
+    A reconstruction is mostly single-threaded NumPy/SciPy: each worker computes with one thread, set before
+    its NumPy and torch start (OpenBLAS threads that spin while another process holds the core cost more than
+    they give: measured 2x slower per body with two threads per worker)."""
     workers = min(workers or len(os.sched_getaffinity(0)), jobs)
     if workers < 2:
-        return None
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_one_thread)
-
-
-def _one_thread() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+        yield None
+        return
+    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    os.environ.update({name: "1" for name in _THREAD_VARIABLES})  # inherited by the workers spawned in the block
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _score_sample(rgb, normal, rig: ViewRig, framing: Framing, normal_frame, settings, truth: CapsuleSurface,
