@@ -238,12 +238,15 @@ def test_every_joint_is_finite_without_a_body(rig):
 def test_runtime_per_sample(scenes, rig):
     scene = scenes["broad"]
     estimate_keypoints(scene.rgb[:2], rig, Framing(scene.framing.centre[:2], scene.framing.half_extent[:2]))
-    start = time.perf_counter()
+    # CPU time of this process (not wall time, which other jobs on the machine stretch): a guard against an
+    # estimator too slow to run inside every evaluation (about 0.06 s per sample measured on one thread), not
+    # a benchmark.
+    start = time.process_time()
     estimate_keypoints(scene.rgb, rig, scene.framing)
-    per_sample = (time.perf_counter() - start) / NUM_POSES
-    print(f"runtime: {1000 * per_sample:.1f} ms per sample ({rig.num_views} views at "
+    per_sample = (time.process_time() - start) / NUM_POSES
+    print(f"runtime: {1000 * per_sample:.1f} ms CPU per sample ({rig.num_views} views at "
           f"{RESOLUTION}x{RESOLUTION}, {torch.get_num_threads()} thread)")
-    assert per_sample < 0.1
+    assert per_sample < 0.25
 
 
 def test_argument_errors_name_the_argument(scenes, rig):
