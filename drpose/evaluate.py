@@ -125,7 +125,6 @@ def add_reconstruction(metrics: dict, outputs: EvaluationOutputs, joints: torch.
     """Reconstruct the first ``count`` samples (and the oracle), add their summaries to ``metrics``, draw meshes."""
     from drpose.evaluation.metrics_run import oracle_reconstruction_scores, reconstruction_scores
     from drpose.reconstruction.evaluation import mesh_comparison, truth_mesh
-
     from drpose.reconstruction.reconstruct import reconstruction_pool
 
     count = min(count, len(joints))

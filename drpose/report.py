@@ -92,7 +92,6 @@ def reconstruction_section(joints: torch.Tensor, runs: dict[str, EvaluationOutpu
     (``"samples"``), per family too, the wall time taken and the figure of meshes."""
     from drpose.evaluation.metrics_run import oracle_reconstruction_scores, reconstruction_scores
     from drpose.reconstruction.evaluation import mesh_comparison, truth_mesh
-
     from drpose.reconstruction.reconstruct import reconstruction_pool
 
     start = time.perf_counter()
