@@ -34,6 +34,7 @@ as if it had run (``exact=True`` runs every call; the tests check both agree).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import time
@@ -761,6 +762,18 @@ def warm_up_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.nn.Pa
     optimizer.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def _cycle_collector_paused():
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def measure_step(arch: Architecture, settings: StepSettings, fake: bool = True, exact: bool = False,
                  autocast: str = "cuda", seed: int = 0) -> dict:
     """One training step (``train_step`` + the optimizer step) of ``arch`` under the memory tracker (which
@@ -788,6 +801,11 @@ def measure_step(arch: Architecture, settings: StepSettings, fake: bool = True, 
         built.model.predictor = memo
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        # Python's cycle collector runs when the interpreter's allocation counts say so, which depends on
+        # everything the process did before: a cycle holding a tensor would then be freed at a different op
+        # from run to run and move the peak. Collect first and hold it off during the step so the figures
+        # depend on the step alone (tensors are still freed the moment their last reference goes).
+        stack.enter_context(_cycle_collector_paused())
         if mode is not None:
             stack.enter_context(mode)
         if autocast == "cuda" and settings.torch_dtype != torch.float32:
