@@ -356,6 +356,25 @@ def test_a_restored_optimizer_takes_the_configs_learning_rate_warmup_and_weight_
     assert optimizer.param_groups[0]["lr"] == 1e-4, "the schedule continues from the config's settings"
 
 
+def test_the_cosine_schedule_warms_up_then_falls_to_its_floor_at_the_last_step():
+    import math
+
+    from drpose.training.trainer import _lr_lambda
+
+    constant = _lr_lambda(4, "constant", 20)
+    assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = _lr_lambda(4, "cosine", 21, min_lr_ratio=0.1)
+    assert [cosine(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0], "the same warm-up, then the peak"
+    # steps 4..20 run the half cosine: step 20, the run's last, has the floor; midway, the mean of 1 and 0.1
+    assert cosine(20) == pytest.approx(0.1) and cosine(12) == pytest.approx(0.55)
+    assert cosine(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 16)))
+    assert cosine(40) == pytest.approx(0.1), "past max_steps (a resumed, longer run) it stays at the floor"
+    values = [cosine(s) for s in range(4, 21)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    no_warmup = _lr_lambda(0, "cosine", 11)
+    assert no_warmup(0) == 1.0 and no_warmup(10) == pytest.approx(0.0) and no_warmup(5) == pytest.approx(0.5)
+
+
 def test_resume_below_max_steps_is_refused_before_any_work(reference_run, fixture, tmp_path):
     from drpose.training.trainer import claim_output
 
@@ -410,6 +429,8 @@ def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint(referen
     ("lora.alpha=0", "lora.alpha must be > 0"),
     ("lora.dropout=1", r"lora.dropout must be in \[0, 1\)"),
     ("optim.warmup_steps=-3", "optim.warmup_steps must be >= 0"),
+    ("optim.schedule=linear", r"optim.schedule must be one of \('constant', 'cosine'\), got 'linear'"),
+    ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio must be in \[0, 1\], got 1.5"),
     ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
     ("data.synthesize_distribution=wide", "data.synthesize_distribution must be one of"),
     ("sampling.policy=[", "override 'sampling.policy=\\[': the value is not valid YAML \\(line 1, column 2"),

@@ -102,12 +102,17 @@ class PreserveConfig:
     seed: int = 500
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    schedule: str = "constant"  # after the warm-up: constant | cosine (to min_lr_ratio * lr at run.max_steps)
+    min_lr_ratio: float = 0.0  # the cosine schedule's last learning rate, as a fraction of optim.lr
 
 
 @dataclass
@@ -330,6 +335,8 @@ def validate(config: TrainConfig) -> None:
         (optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}"),
         (optim.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0 (0: no clipping), got {optim.max_grad_norm}"),
         (optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0 (0: no warm-up), got {optim.warmup_steps}"),
+        (optim.schedule in LR_SCHEDULES, f"optim.schedule must be one of {LR_SCHEDULES}, got {optim.schedule!r}"),
+        (0 <= optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}"),
         (lora.alpha > 0, f"lora.alpha must be > 0 (the adapters' scale is alpha / rank), got {lora.alpha}"),
         (0 <= lora.dropout < 1, f"lora.dropout must be in [0, 1), got {lora.dropout}"),
         (len(lora.target_modules) >= 1, "lora.target_modules must name at least one module"),
@@ -368,7 +375,7 @@ def validate(config: TrainConfig) -> None:
 
 DEEPSPEED_OWNED = {
     "optimizer": "the trainer builds the optimizer (AdamW with optim.lr and optim.weight_decay)",
-    "scheduler": "the trainer builds the schedule (linear warm-up over optim.warmup_steps)",
+    "scheduler": "the trainer builds the schedule (linear warm-up over optim.warmup_steps, then optim.schedule)",
     "train_batch_size": "set by data.batch_size x data.grad_accum x the number of processes",
     "train_micro_batch_size_per_gpu": "set by data.batch_size",
     "gradient_accumulation_steps": "set by data.grad_accum",

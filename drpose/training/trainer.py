@@ -15,6 +15,7 @@ with the same error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -183,8 +184,20 @@ def check_synthesized(dataset: DrPoseDataset, key: str, distribution: str, num: 
             f"set the synthesis settings to null to train on it as it is")
 
 
-def _lr_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def _lr_lambda(warmup_steps: int, schedule: str = "constant", max_steps: int = 0, min_lr_ratio: float = 0.0):
+    """The learning rate's factor at optimizer step ``step`` (0-based): a linear warm-up over
+    ``warmup_steps``, then constant, or a half cosine from 1 to ``min_lr_ratio`` at step ``max_steps - 1``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(max_steps - 1 - warmup_steps, 1)
+        progress = min(max(step - warmup_steps, 0) / span, 1.0)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def prepare_preservation(config: TrainConfig, bundle: ModelBundle, ctx: DistributedContext,
@@ -271,8 +284,10 @@ def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | Non
     dataset = prepare_data(config, ctx, bundle.image_size)
     preserve = prepare_preservation(config, bundle, ctx, dtype)
 
-    optimizer = torch.optim.AdamW(lora_params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.optim.warmup_steps))
+    optim = config.optim
+    optimizer = torch.optim.AdamW(lora_params, lr=optim.lr, weight_decay=optim.weight_decay)
+    schedule = _lr_lambda(optim.warmup_steps, optim.schedule, config.run.max_steps, optim.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=unet, model_parameters=lora_params, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(config, ctx.world_size), dist_init_required=False,
