@@ -375,6 +375,39 @@ def test_the_cosine_schedule_warms_up_then_falls_to_its_floor_at_the_last_step()
     assert no_warmup(0) == 1.0 and no_warmup(10) == pytest.approx(0.0) and no_warmup(5) == pytest.approx(0.5)
 
 
+def test_a_restored_cosine_schedule_continues_as_if_uninterrupted():
+    from drpose.training.trainer import _lr_lambda
+
+    config = load_config(None, ["optim.lr=1e-2", "optim.warmup_steps=2", "optim.schedule=cosine", "run.max_steps=9"])
+    optim = config.optim
+
+    def make():
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([param], lr=optim.lr)
+        schedule = _lr_lambda(optim.warmup_steps, optim.schedule, config.run.max_steps, optim.min_lr_ratio)
+        return param, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def steps(param, optimizer, scheduler, count):
+        used = []
+        for _ in range(count):
+            used.append(optimizer.param_groups[0]["lr"])
+            param.sum().backward()
+            optimizer.step()
+            scheduler.step()
+        return used
+
+    whole = steps(*make(), 9)
+    param, optimizer, scheduler = make()
+    first = steps(param, optimizer, scheduler, 4)
+    saved = optimizer.state_dict(), scheduler.state_dict()
+    param, optimizer, scheduler = make()
+    optimizer.load_state_dict(saved[0])
+    scheduler.load_state_dict(saved[1])
+    checkpoints.apply_optimizer_settings(scheduler, config)
+    assert first + steps(param, optimizer, scheduler, 5) == pytest.approx(whole, rel=1e-12)
+    assert whole[1] == pytest.approx(1e-2) and whole[-1] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_resume_below_max_steps_is_refused_before_any_work(reference_run, fixture, tmp_path):
     from drpose.training.trainer import claim_output
 
