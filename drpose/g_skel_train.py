@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from drpose.metrics import keypoint_metrics
 from drpose.models.g_skel import GSkel, GSkelConfig, heatmap_keypoints
 from drpose.models.rig import ViewRig
 from drpose.skeleton import NUM_BODY_JOINTS
+from drpose.training.schedule import half_cosine
 from drpose_kernels import pose_score
 
 STATE_FILE = "training_state.pt"
@@ -145,7 +145,7 @@ def train(views: ViewLatents, rig: ViewRig, settings: GSkelTraining, out: Path |
     model = GSkel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / settings.steps, 1.0))))
+        optimizer, lambda step: half_cosine(step / settings.steps))
     generator = torch.Generator().manual_seed(settings.seed)
     losses, start = [], 0
     if resume and out is not None and (out / STATE_FILE).is_file():

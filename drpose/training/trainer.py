@@ -15,7 +15,6 @@ with the same error.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from .lora import add_lora, export_lora
 from .metrics_log import MetricsLog
 from .preserve import PreservationSet
 from .rendezvous import free_port
+from .schedule import half_cosine
 from .step import StepBatch, StepModel, StepResult, train_step
 
 PLAN_STREAM = 1_000_003  # separates the plan generators' seeds from the noise generators'
@@ -194,8 +194,7 @@ def _lr_lambda(warmup_steps: int, schedule: str = "constant", max_steps: int = 0
         if schedule == "constant":
             return 1.0
         span = max(max_steps - 1 - warmup_steps, 1)
-        progress = min(max(step - warmup_steps, 0) / span, 1.0)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return half_cosine(max(step - warmup_steps, 0) / span, min_lr_ratio)
 
     return factor
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from diffusers import AutoencoderKL
+
+from drpose.training.schedule import half_cosine
 
 
 def tiny_vae_config(latent_channels: int = 4, image_size: int = 72) -> dict:
@@ -64,7 +65,7 @@ def train_codec(images: torch.Tensor, settings: CodecTraining, latent_channels: 
     vae = AutoencoderKL(**tiny_vae_config(latent_channels, images.shape[-1]))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(step / settings.steps, 1.0))))
+        optimizer, lambda step: min(1.0, (step + 1) / 50) * half_cosine(step / settings.steps))
     generator = torch.Generator().manual_seed(settings.seed)
     losses = []
     bar = tqdm(range(settings.steps), desc="codec", disable=not show_progress, mininterval=2)

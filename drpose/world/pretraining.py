@@ -10,7 +10,6 @@ small CLIP text model's encoding of PSHuman's prompts). An exponential moving av
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from drpose.models.diffusion import add_noise, training_target
 from drpose.models.pipeline import MultiViewPipeline
+from drpose.training.schedule import half_cosine
 
 from .latents import LatentBatch
 
@@ -72,7 +72,7 @@ def pretrain_base(pool: LatentBatch, pipeline: MultiViewPipeline, settings: Pret
 
     def lr_factor(step: int) -> float:
         warm = min(1.0, (step + 1) / settings.warmup_steps)
-        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / settings.steps, 1.0))))
+        return warm * half_cosine(step / settings.steps, floor=0.1)
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(settings.seed)
