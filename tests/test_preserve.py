@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from drpose.models.diffusion import add_noise, training_target
 from drpose.models.layout import COLOR, rows_to_grid
 from drpose.training.config import ConfigError, LoraSettings, load_config
 from drpose.training.lora import add_lora, adapters_disabled
-from drpose.training.preserve import PreservationSet
+from drpose.training.preserve import PreservationSet, encoding_key
 
 
 def fresh_bundle() -> ModelBundle:
@@ -141,3 +143,66 @@ def test_base_target_is_zero_until_the_adapters_move_and_then_pulls_them_back(po
             param.sub_(1e-2 * param.grad / max(p.grad.abs().max().item() for p in params))
         closer = loss(False)
     assert closer.item() < moved.item()
+
+
+def test_the_encoded_pool_is_kept_and_read_back_until_its_inputs_change(bundle, tmp_path, capsys):
+    folder = tmp_path / "narrow"
+    synthesize(folder, 3, "narrow", 7, bundle.image_size, progress=False)
+
+    def load(**kwargs):
+        return PreservationSet.from_folder(folder, bundle.pipeline, bundle.rig, 500, torch.device("cpu"),
+                                           torch.float32, **kwargs)
+
+    fresh = load(cache=False)
+    assert not (folder / "encoded").exists(), "cache=False writes nothing"
+    first = load()
+    (kept,) = (folder / "encoded").iterdir()
+    marker = torch.full_like(first.latents, 7.0)
+    torch.save(marker, kept)
+    read = load()
+    assert torch.equal(read.latents, marker), "the second run read the kept latents"
+    assert torch.equal(first.latents, fresh.latents), "the first run encoded what an uncached run encodes"
+    for a, b in zip((read.cond.latents, read.cond.class_labels), (fresh.cond.latents, fresh.cond.class_labels)):
+        assert torch.equal(a, b), "the conditioning is computed from the images either way"
+    # a changed pool file makes a new key: encoded again, the old file is left alone
+    image = sorted((folder / "images").iterdir())[0]
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = load()
+    assert torch.equal(again.latents, fresh.latents)
+    assert len(list((folder / "encoded").iterdir())) == 2
+    # so does another VAE
+    vae = bundle.pipeline.vae
+    with torch.no_grad():
+        weight = next(vae.parameters())
+        saved = weight.clone()
+        weight.add_(1e-3)
+        try:
+            changed = load()
+        finally:
+            weight.copy_(saved)
+    assert not torch.equal(changed.latents, fresh.latents)
+    assert len(list((folder / "encoded").iterdir())) == 3
+    # a damaged cache file is ignored with a note, and replaced
+    key = encoding_key(folder, bundle.pipeline, bundle.rig, torch.float32, torch.device("cpu"))
+    current = folder / "encoded" / f"{key}.pt"
+    current.write_bytes(b"not a tensor")
+    capsys.readouterr()
+    repaired = load()
+    assert torch.equal(repaired.latents, fresh.latents)
+    assert "ignoring the unreadable cache" in capsys.readouterr().out
+    assert torch.equal(torch.load(current, weights_only=True), fresh.latents)
+
+
+def test_a_pool_folder_that_cannot_be_written_is_encoded_with_a_note(bundle, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "narrow"
+    synthesize(folder, 2, "narrow", 8, bundle.image_size, progress=False)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(torch, "save", refuse)
+    pool = PreservationSet.from_folder(folder, bundle.pipeline, bundle.rig, 500, torch.device("cpu"), torch.float32)
+    assert len(pool) == 2
+    assert "could not keep the encoded pool" in capsys.readouterr().out
+    assert not [p for p in (folder / "encoded").iterdir()], "no partial file is left behind"

@@ -382,15 +382,15 @@ class DrPoseDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image(self, index: int) -> torch.Tensor:
+        """Record ``index``'s front image as floats (3, H, W) in [0, 1]."""
+        with Image.open(self.records[index].image) as image:
+            pixels = np.array(image.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
+
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        with Image.open(record.image) as image:
-            pixels = np.array(image.convert("RGB"), dtype=np.uint8)
-        item = {
-            "id": record.id,
-            "image": torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0,
-            "joints": self.joints[index],
-        }
+        item = {"id": record.id, "image": self.image(index), "joints": self.joints[index]}
         if self.load_renders:
             item["renders"] = read_renders(record.renders)
         return item

@@ -100,6 +100,7 @@ class PreserveConfig:
     distribution: str | None = "narrow"  # when set and ``path`` is missing, rank 0 synthesizes it ("hard" is held out)
     num: int = 256  # pool size (synthesized)
     seed: int = 500
+    cache: bool = True  # keep the pool's encoded latents in <path>/encoded/ for later runs (drpose/training/preserve.py)
 
 
 LR_SCHEDULES = ("constant", "cosine")

@@ -19,10 +19,19 @@ resumed run repeats them exactly and 1 process with micro-batch 2 computes the s
 processes with micro-batch 1. The pool is a DrPose15K-format folder whose records carry multi-view
 renders of pretraining-distribution bodies (for a real checkpoint: renders of the scans it was trained
 on), turned into the model's views and encoded with the run's VAE once at start-up.
+
+Encoding the pool is most of a short run's start-up (256 samples x 14 views through the VAE), so the
+latents are kept in ``<pool>/encoded/<key>.pt`` and read back by later runs. The key covers everything
+the latents depend on: the pool's files (paths, sizes, modification times), the VAE's weights, the rig,
+the image size, the dtype and the device type; a change to any of them encodes afresh. A pool folder
+that cannot be written to is encoded on every run (with a note).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -37,6 +46,50 @@ from .config import ConfigError
 from .data import seeded_generator
 
 PRESERVE_STREAM = 2_000_003  # separates the preservation generators' seeds from the noise and plan streams
+CACHE_FOLDER = "encoded"  # under the pool folder: encoded latents, one file per key
+
+
+def encoding_key(folder: Path, pipeline: MultiViewPipeline, rig: ViewRig, dtype: torch.dtype,
+                 device: torch.device) -> str:
+    """A hex digest of everything the pool's encoded latents depend on (module docstring)."""
+    digest = hashlib.sha256()
+    settings = {"version": 1, "rig": rig.to_dict(), "size": pipeline.image_size, "dtype": str(dtype),
+                "device": torch.device(device).type}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and CACHE_FOLDER not in p.relative_to(folder).parts):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for name, tensor in sorted(pipeline.vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _read_cached(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    try:
+        latents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable cache (truncated, not a tensor file) is encoded again
+        print(f"[drpose] preserve: ignoring the unreadable cache {path} ({error}); encoding again", flush=True)
+        return None
+    if not isinstance(latents, torch.Tensor) or tuple(latents.shape[:3]) != shape or latents.dtype != dtype:
+        print(f"[drpose] preserve: ignoring the cache {path} (holds {getattr(latents, 'shape', type(latents))}); "
+              f"encoding again", flush=True)
+        return None
+    return latents
+
+
+def _write_cached(path: Path, latents: torch.Tensor) -> None:
+    """Write atomically (a partial file never carries the final name); a read-only pool is only noted."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        torch.save(latents.cpu(), partial)
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        print(f"[drpose] preserve: could not keep the encoded pool in {path.parent} ({error}); it is encoded on "
+              f"every run", flush=True)
 
 
 class PreservationSet:
@@ -54,31 +107,48 @@ class PreservationSet:
     @classmethod
     @torch.no_grad()
     def from_folder(cls, folder: str | Path, pipeline: MultiViewPipeline, rig: ViewRig, seed: int,
-                    device: torch.device, dtype: torch.dtype, chunk: int = 64) -> "PreservationSet":
+                    device: torch.device, dtype: torch.dtype, chunk: int = 64, cache: bool = True) -> "PreservationSet":
         """Read a dataset folder with renders, turn them into the model's views and encode them with
-        ``pipeline`` (its VAE; the conditioning from each record's image, unCLIP noise seeded by ``seed``)."""
+        ``pipeline`` (its VAE; the conditioning from each record's image, unCLIP noise seeded by ``seed``).
+        With ``cache``, latents encoded by an earlier run with the same key are read instead (module docstring)."""
         from drpose.data.dataset import DrPoseDataset
 
+        folder = Path(folder)
         dataset = DrPoseDataset(folder, load_renders=True)
         camera = dataset.records[0].camera
         if camera != rig.cameras:
             raise ConfigError(f"preserve.path: {folder} was rendered with cameras {camera.to_dict()}, not the "
                               f"model's rig {rig.cameras.to_dict()}")
         size = pipeline.image_size
+        cache_path = cached = None
+        if cache:
+            cache_path = folder / CACHE_FOLDER / f"{encoding_key(folder, pipeline, rig, dtype, device)}.pt"
+            if cache_path.is_file():
+                cached = _read_cached(cache_path, (len(dataset), 2, pipeline.num_views), dtype)
         generator = torch.Generator().manual_seed(seed)
         latents, conds = [], []
         for start in range(0, len(dataset), chunk):
-            items = [dataset[i] for i in range(start, min(start + chunk, len(dataset)))]
-            renders = {k: torch.stack([item["renders"][k] for item in items]) for k in ("rgb", "normal", "mask")}
-            if renders["rgb"].shape[-1] != size:
-                raise ConfigError(f"preserve.path: {folder} holds {renders['rgb'].shape[-1]}px renders; the model "
-                                  f"takes {size}px images")
-            views = rig.model_views(renders["rgb"], renders["normal"], renders["mask"]).to(device, dtype)
-            flat = pipeline.encode_images(views.flatten(0, 2))
-            latents.append(flat.view(*views.shape[:3], *flat.shape[1:]))
-            images = torch.stack([item["image"] for item in items]).to(device, dtype)
-            conds.append(pipeline.condition(images, generator=generator))
-        return cls(torch.cat(latents), Conditioning.cat(conds), pipeline.scheduler.config.num_train_timesteps)
+            indices = range(start, min(start + chunk, len(dataset)))
+            if cached is None:
+                items = [dataset[i] for i in indices]
+                renders = {k: torch.stack([item["renders"][k] for item in items]) for k in ("rgb", "normal", "mask")}
+                if renders["rgb"].shape[-1] != size:
+                    raise ConfigError(f"preserve.path: {folder} holds {renders['rgb'].shape[-1]}px renders; the "
+                                      f"model takes {size}px images")
+                views = rig.model_views(renders["rgb"], renders["normal"], renders["mask"]).to(device, dtype)
+                flat = pipeline.encode_images(views.flatten(0, 2))
+                latents.append(flat.view(*views.shape[:3], *flat.shape[1:]))
+                images = torch.stack([item["image"] for item in items])
+            else:
+                images = torch.stack([dataset.image(i) for i in indices])
+            conds.append(pipeline.condition(images.to(device, dtype), generator=generator))
+        if cached is None:
+            encoded = torch.cat(latents)
+            if cache_path is not None:
+                _write_cached(cache_path, encoded)
+        else:
+            encoded = cached.to(device)
+        return cls(encoded, Conditioning.cat(conds), pipeline.scheduler.config.num_train_timesteps)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
