@@ -17,12 +17,13 @@ from drpose.cameras import Framing
 from drpose.models.g_skel import GSkel
 from drpose.models.layout import NUM_BODY_VIEWS, body_views
 from drpose.models.rig import ViewRig
+from drpose.skeleton import NUM_BODY_JOINTS
 from drpose_kernels import pose_score
 
 
 class PoseReward(nn.Module):
     def __init__(self, g_skel: GSkel, rig: ViewRig, num_views: int, sigma: float, backend: str = "auto",
-                 include_bones: bool = True, validate_every_call: bool = False):
+                 include_bones: bool = True, validate_every_call: bool = False, bone_weight: float = 1.0):
         super().__init__()
         self.g_skel = g_skel.requires_grad_(False).eval()
         self.rig = rig
@@ -30,18 +31,23 @@ class PoseReward(nn.Module):
         self.sigma = float(sigma)
         self.backend = backend
         self.include_bones = include_bones
+        if bone_weight < 0:
+            raise ValueError(f"bone_weight must be >= 0, got {bone_weight}")
+        self.bone_weight = float(bone_weight)
         self.validate_every_call = validate_every_call
         self.values_checked = False
 
     @classmethod
     def from_bundle(cls, bundle, sigma: float | None = None, backend: str = "auto",
-                    include_bones: bool = True) -> "PoseReward":
+                    include_bones: bool = True, bone_weight: float = 1.0) -> "PoseReward":
         return cls(bundle.g_skel, bundle.rig, bundle.num_views, bundle.sigma if sigma is None else sigma, backend,
-                   include_bones)
+                   include_bones, bone_weight=bone_weight)
 
     def targets(self, joints: torch.Tensor, framing: Framing, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Segments (B * 6, C, 2, 2) and weights (B, 6, C) at heatmap side ``size``, as generated."""
         segments, weights = self.rig.segments_and_weights(joints, size, self.include_bones, framing)
+        if self.include_bones and self.bone_weight != 1.0:
+            weights = torch.cat([weights[..., :NUM_BODY_JOINTS], self.bone_weight * weights[..., NUM_BODY_JOINTS:]], -1)
         return segments.flatten(0, 1), weights
 
     def logits(self, x0: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,7 @@ class RewardConfig:
     backend: str = "auto"
     kl_weight: float = 0.01
     include_bones: bool = True
+    bone_weight: float = 1.0  # weight of each bone channel against a joint's (1: all 43 channels alike)
 
 
 @dataclass
@@ -349,6 +350,7 @@ def validate(config: TrainConfig) -> None:
          f"{config.data.synthesize_distribution!r}"),
         (config.data.synthesize_num >= 1, f"data.synthesize_num must be >= 1, got {config.data.synthesize_num}"),
         (config.run.precision in ("auto", "fp32", "bf16"), "run.precision must be auto, fp32 or bf16"),
+        (config.reward.bone_weight >= 0, f"reward.bone_weight must be >= 0, got {config.reward.bone_weight}"),
         (config.reward.backend in ("auto", "triton", "reference"), "reward.backend must be auto, triton or reference"),
         (config.data.batch_size >= 1 and config.data.grad_accum >= 1, "data.batch_size and data.grad_accum must be >= 1"),
         (config.run.max_steps >= 1, "run.max_steps must be >= 1"),

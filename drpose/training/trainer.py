@@ -277,7 +277,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | Non
     dtype = run_dtype(config, ctx.device)
     bundle = load_bundle(config, ctx.device, dtype)
     pipeline, unet = bundle.pipeline, bundle.pipeline.unet
-    reward_fn = PoseReward.from_bundle(bundle, config.reward.sigma, config.reward.backend, config.reward.include_bones)
+    reward_fn = PoseReward.from_bundle(bundle, config.reward.sigma, config.reward.backend, config.reward.include_bones,
+                                    config.reward.bone_weight)
     lora_params = add_lora(unet, config.lora)
     if config.sampling.unet_checkpointing:
         unet.enable_gradient_checkpointing()
