@@ -139,7 +139,9 @@ def test_reconstruction_of_true_renders_is_within_the_oracle_bound(narrow_bodies
     for score in scores:
         assert score.error is None and score.reconstruction.mesh.is_watertight
         assert score.metrics["chamfer"] < ORACLE_BOUND_CM, score.metrics
-        assert score.metrics["normal_consistency"] > 0.9 and score.metrics["fscore@2cm"] > 0.9
+        # Normal consistency measured 0.900 and 0.914 on these two bodies (the hull alone: 0.862, 0.864); the
+        # first one moves by about 1e-3 between CPUs, so the bound sits between the two reconstructions.
+        assert score.metrics["normal_consistency"] > 0.88 and score.metrics["fscore@2cm"] > 0.9
         assert score.metrics["psnr_normal"] > 20
     # The carving with the normal maps must pay: the hull alone is further off.
     [hull] = reconstruct_and_score(rgb[:1], normal[:1], joints[:1], rig,
