@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import drpose.reward as reward_module
@@ -53,9 +54,5 @@ def test_bone_weight_scales_the_bone_channels_against_the_joints():
             score = small_reward(bone_weight=w)(x0, joints, framing)
             torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-7)
         assert not torch.allclose(small_reward(bone_weight=3.0)(x0, joints, framing), plain(x0, joints, framing))
-    try:
+    with pytest.raises(ValueError, match="bone_weight"):
         small_reward(bone_weight=-1.0)
-    except ValueError as error:
-        assert "bone_weight" in str(error)
-    else:
-        raise AssertionError("a negative bone weight was accepted")
