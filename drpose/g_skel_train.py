@@ -2,6 +2,7 @@
 
     python -m drpose.g_skel_train --bundle PIPELINE_DIR --data DIR [--data DIR ...] --out DIR
                                   [--held-out DIR | --held-out-share 0.1] [--steps 3000] [--sigma 1.0] [--resume]
+                                  [--limb-cuts 0.5 [--limb-cut-radius 0.08]]
 
 ``--data``: DrPose15K-format folders whose records carry multi-view renders (``renders``: RGB, normal
 maps, masks of the record camera's 6 body views) with their poses; they are turned into the views as the
@@ -11,6 +12,11 @@ latents, with the PoseScore divergence as its loss. The result is a g_skel folde
 the heatmap width, latent size and rig, which the reward then uses. Progress is saved every
 ``--checkpoint-every`` steps (``--resume`` continues bit for bit); the held-out set's PCK is reported in
 ``accuracy.json``. The tiny world's build runs this same training.
+
+``--limb-cuts SHARE`` adds hard negatives: that share of the training samples again, with one limb per view
+drawn in pieces (a stretch of it erased to the background) and that bone's target covering only its drawn
+part, so that the reward tells a limb in pieces from a whole one (:func:`cut_limbs`). Off by default: on the
+tiny world it did not raise the fine-tuned gain (docs/tuning.md section 8).
 
 A researcher with PSHuman trains one for its 96x96 latents on renders of THuman2.1 / CustomHumans-style
 scans; ``python benchmarks/run.py dryrun --g-skel`` states its memory and time per epoch at that size.
@@ -33,7 +39,7 @@ from drpose.cameras import Framing, rescale_pixels
 from drpose.metrics import keypoint_metrics
 from drpose.models.g_skel import GSkel, GSkelConfig, heatmap_keypoints
 from drpose.models.rig import ViewRig
-from drpose.skeleton import NUM_BODY_JOINTS
+from drpose.skeleton import BODY22_BONES, NUM_BODY_JOINTS
 from drpose.training.schedule import half_cosine
 from drpose_kernels import pose_score
 
@@ -49,22 +55,27 @@ class GSkelTraining:
     sigma: float = 1.0  # heatmap Gaussian width in latent pixels
     seed: int = 0
     checkpoint_every: int = 500
+    limb_cut_share: float = 0.0  # share of the samples added again with limbs drawn in pieces (cut_limbs)
+    limb_cut_radius: float = 0.08  # metres of foreground erased around the cut stretch of a limb
 
 
 @dataclass
 class ViewLatents:
-    """Encoded body views with their poses: what g_skel trains and is measured on."""
+    """Encoded body views with their poses: what g_skel trains and is measured on. ``cuts`` (N, 6, 3), when
+    given, says which bone of each view was cut and which part of it is still drawn (:func:`cut_limbs`)."""
 
     latents: torch.Tensor  # (N, 2, 6, c, h, w)
     joints: torch.Tensor  # (N, 22, 3)
     framing: Framing
+    cuts: torch.Tensor | None = None  # (N, 6, 3): bone channel (-1: none), kept from, kept to (bone fractions)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def select(self, index) -> "ViewLatents":
         return ViewLatents(self.latents[index], self.joints[index],
-                           Framing(self.framing.centre[index], self.framing.half_extent[index]))
+                           Framing(self.framing.centre[index], self.framing.half_extent[index]),
+                           None if self.cuts is None else self.cuts[index])
 
     def inputs(self) -> torch.Tensor:
         """(N * 6, 2 * c, h, w): each body view's normal and RGB latents on channels."""
@@ -115,11 +126,106 @@ def encode(vae, images: torch.Tensor, image_size: int, chunk: int = 128) -> torc
     return latents.reshape(*images.shape[:3], *latents.shape[1:])
 
 
+LIMB_BONE_CHILDREN = (4, 5, 7, 8, 18, 19, 20, 21)
+"""body22 children of the limb bones a cut may break: knees, ankles, elbows, wrists (thighs, shins, upper arms,
+forearms)."""
+
+
+def apply_cuts(segments: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
+    """Segments (N, 6, C, 2, 2) -> the same with each cut bone shortened to its drawn part."""
+    segments = segments.clone()
+    n, v = torch.nonzero(cuts[..., 0] >= 0, as_tuple=True)
+    if n.numel():
+        channel = cuts[n, v, 0].long()
+        a, b = segments[n, v, channel, 0], segments[n, v, channel, 1]
+        start, end = cuts[n, v, 1:2], cuts[n, v, 2:3]
+        segments[n, v, channel] = torch.stack([a + start * (b - a), a + end * (b - a)], 1)
+    return segments
+
+
 def targets(views: ViewLatents, rig: ViewRig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segments (N * 6, C, 2, 2) and weights (N * 6, C) at the latent side, as generated."""
+    """Segments (N * 6, C, 2, 2) and weights (N * 6, C) at the latent side, as generated (cut bones shortened
+    to what is drawn of them)."""
     size = views.latents.shape[-1]
     segments, weights = rig.segments_and_weights(views.joints, size, include_bones=True, framing=views.framing)
+    if views.cuts is not None:
+        segments = apply_cuts(segments, views.cuts)
     return segments.flatten(0, 1), weights.flatten(0, 1)
+
+
+def cut_limbs(images: torch.Tensor, joints: torch.Tensor, rig: ViewRig, share: float, radius: float, seed: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hard negatives for g_skel: copies of a ``share`` of the samples with, in each body view, one limb drawn in
+    pieces, as a generator that breaks limbs draws them.
+
+    ``images`` (N, 2, 6, 3, R, R) uint8 body views as generated, ``joints`` (N, 22, 3). In every view of a copied
+    sample one limb bone (thigh, shin, upper arm or forearm) long enough on screen loses the foreground pixels
+    within ``radius`` metres of a stretch of it, filled with the view's background colour (its corner pixel),
+    in both domains; the drawn part keeps the parent or the child end (at random) and 15-60% of the bone. The
+    pixels per metre are the sample's largest on-screen bone length over its length in 3D (exact for an
+    orthographic rig, whose scale is shared by all views). Returns the copies (M, 2, 6, 3, R, R), their joints
+    (M, 22, 3) and cuts (M, 6, 3): bone channel (-1 where no bone was long enough), then the drawn part's
+    start and end as fractions of the bone from parent to child, for :func:`targets`.
+    """
+    if not 0 <= share <= 1:
+        raise ValueError(f"limb cut share: expected a number in [0, 1], got {share}")
+    if radius <= 0:
+        raise ValueError(f"limb cut radius: expected a positive length in metres, got {radius}")
+    generator = torch.Generator().manual_seed(seed)
+    count = int(round(share * images.shape[0]))
+    chosen = torch.randperm(images.shape[0], generator=generator)[:count]
+    images, joints = images[chosen].clone(), joints[chosen]
+    size = images.shape[-1]
+    segments, weights = rig.segments_and_weights(joints, size, include_bones=True, framing=rig.frame(joints))
+    bones = segments[:, :, NUM_BODY_JOINTS:]  # (M, 6, 21, 2, 2)
+    screen = (bones[..., 1, :] - bones[..., 0, :]).norm(dim=-1)  # (M, 6, 21)
+    parents = torch.tensor([p for p, _ in BODY22_BONES])
+    children = torch.tensor([c for _, c in BODY22_BONES])
+    length3d = (joints[:, children] - joints[:, parents]).norm(dim=-1).clamp_min(1e-6)  # (M, 21)
+    scale = (screen / length3d[:, None]).amax(dim=(1, 2))  # pixels per metre, (M,)
+    limb = torch.tensor([c - 1 for c in LIMB_BONE_CHILDREN])
+    cuts = torch.full((count, 6, 3), -1.0)
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    pixels = torch.stack([xs, ys], -1)  # (R, R, 2) as (x, y)
+    for m in range(count):
+        r = float(radius * scale[m])
+        for v in range(6):
+            eligible = limb[(screen[m, v, limb] >= 3 * r) & (weights[m, v, NUM_BODY_JOINTS + limb] > 0)]
+            if eligible.numel() == 0:
+                continue
+            bone = int(eligible[torch.randint(0, eligible.numel(), (1,), generator=generator)])
+            a, b = bones[m, v, bone, 0], bones[m, v, bone, 1]
+            kept = float(torch.empty(1).uniform_(0.15, 0.6, generator=generator))
+            margin = min(0.3, r / float(screen[m, v, bone]))  # leave the next bone's end whole
+            if torch.rand(1, generator=generator) < 0.5:  # the parent end stays
+                gone, drawn = (kept, 1 - margin), (0.0, kept)
+            else:
+                gone, drawn = (margin, 1 - kept), (1 - kept, 1.0)
+            p, q = a + gone[0] * (b - a), a + gone[1] * (b - a)
+            d = q - p
+            t = (((pixels - p) * d).sum(-1) / d.dot(d).clamp_min(1e-9)).clamp(0, 1)
+            near = (pixels - (p + t[..., None] * d)).norm(dim=-1) <= r  # (R, R)
+            for domain in range(2):
+                view = images[m, domain, v]
+                background = view[:, 0, 0]
+                foreground = (view != background[:, None, None]).any(0)
+                erase = near & foreground
+                view[:, erase] = background[:, None]
+            cuts[m, v] = torch.tensor([NUM_BODY_JOINTS + bone, drawn[0], drawn[1]])
+    return images, joints, cuts
+
+
+def with_limb_cuts(images: torch.Tensor, joints: torch.Tensor, rig: ViewRig, settings: GSkelTraining
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The training views plus their :func:`cut_limbs` copies (``settings.limb_cut_share`` of them): images,
+    joints and cuts (-1 for the whole views), or the views unchanged and no cuts when the share is 0."""
+    if settings.limb_cut_share == 0:
+        return images, joints, None
+    cut_images, cut_joints, cuts = cut_limbs(images, joints, rig, settings.limb_cut_share,
+                                             settings.limb_cut_radius, settings.seed)
+    whole = torch.full((images.shape[0], 6, 3), -1.0)
+    return torch.cat([images, cut_images]), torch.cat([joints, cut_joints]), torch.cat([whole, cuts])
 
 
 def pose_loss(g_skel: GSkel, inputs: torch.Tensor, segments: torch.Tensor, weights: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -196,8 +302,9 @@ def keypoint_accuracy(g_skel: GSkel, views: ViewLatents, rig: ViewRig, image_siz
     return keypoint_metrics(pred, truth, visible, image_size)
 
 
-def view_latents(vae, images: torch.Tensor, joints: torch.Tensor, rig: ViewRig, image_size: int) -> ViewLatents:
-    return ViewLatents(encode(vae, images, image_size), joints, rig.frame(joints))
+def view_latents(vae, images: torch.Tensor, joints: torch.Tensor, rig: ViewRig, image_size: int,
+                 cuts: torch.Tensor | None = None) -> ViewLatents:
+    return ViewLatents(encode(vae, images, image_size), joints, rig.frame(joints), cuts)
 
 
 def run(bundle: Path, data: list[Path], out: Path, held_out: Path | None = None, held_out_share: float = 0.1,
@@ -217,13 +324,14 @@ def run(bundle: Path, data: list[Path], out: Path, held_out: Path | None = None,
             raise ValueError(f"--held-out-share must be in (0, 1), got {held_out_share}")
         cut = len(images) - max(1, int(round(held_out_share * len(images))))
         images, test_images, joints, test_joints = images[:cut], images[cut:], joints[:cut], joints[cut:]
-    train_views = view_latents(vae, images, joints, rig, image_size)
+    images, joints, cuts = with_limb_cuts(images, joints, rig, settings)
+    train_views = view_latents(vae, images, joints, rig, image_size, cuts)
     test_views = view_latents(vae, test_images, test_joints, rig, image_size)
     model, losses = train(train_views, rig, settings, out, resume, show_progress)
     model.save_pretrained(out)
     report = {
         "held_out": keypoint_accuracy(model, test_views, rig, image_size),
-        "train": keypoint_accuracy(model, train_views.select(slice(0, 256)), rig, image_size),
+        "train": keypoint_accuracy(model, train_views.select(slice(0, 256)), rig, image_size),  # whole views
         "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
         "settings": asdict(settings), "samples": {"train": len(train_views), "held_out": len(test_views)},
         "latent_size": train_views.latents.shape[-1], "image_size": image_size,
@@ -245,13 +353,19 @@ def main(argv=None) -> int:
     parser.add_argument("--sigma", type=float, default=GSkelTraining.sigma, help="heatmap width in latent pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=GSkelTraining.checkpoint_every)
+    parser.add_argument("--limb-cuts", type=float, default=GSkelTraining.limb_cut_share,
+                        help="share of the training samples added again with one limb per view drawn in pieces "
+                             "(hard negatives: the bone's target covers only its drawn part)")
+    parser.add_argument("--limb-cut-radius", type=float, default=GSkelTraining.limb_cut_radius,
+                        help="metres of foreground erased around a cut limb")
     parser.add_argument("--resume", action="store_true", help="continue from --out's saved progress")
     args = parser.parse_args(argv)
     for folder in [args.bundle, *args.data, *([args.held_out] if args.held_out else [])]:
         if not folder.is_dir():
             parser.error(f"{folder} is not a folder")
     settings = GSkelTraining(steps=args.steps, batch_views=args.batch_views, lr=args.lr, sigma=args.sigma,
-                             seed=args.seed, checkpoint_every=args.checkpoint_every)
+                             seed=args.seed, checkpoint_every=args.checkpoint_every,
+                             limb_cut_share=args.limb_cuts, limb_cut_radius=args.limb_cut_radius)
     report = run(args.bundle, args.data, args.out, args.held_out, args.held_out_share, settings, args.resume)
     print(json.dumps({k: report[k] for k in ("held_out", "final_loss", "samples")}, indent=2))
     return 0
