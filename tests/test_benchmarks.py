@@ -57,7 +57,8 @@ def test_quick_trainer_benchmark_measures_the_trainers_step_and_memory(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "trainer", "--quick", "--device", "cpu", "--out", str(tmp_path),
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "trainer", "--quick", "--repeats", "1", "--device", "cpu",
+         "--out", str(tmp_path),
          "--set", f"model.pipeline={pipeline}", "--set", f"model.g_skel={g_skel}", "--set", "preserve.weight=0.3"],
         capture_output=True, text=True, env=env, timeout=600,
     )

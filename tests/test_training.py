@@ -450,8 +450,8 @@ def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint(referen
 
 @pytest.mark.parametrize("override, message", [
     ("sampling.num_grad_steps=0", r"sampling.num_grad_steps \(K\) must be >= 1"),
-    ("sampling.num_grad_steps=9", r"sampling.num_grad_steps \(K=9\) must be <= sampling.num_steps - "
-                                  r"sampling.early_stop_max \(T - m = 7\)"),
+    ("sampling.num_grad_steps=11", r"sampling.num_grad_steps \(K=11\) must be <= sampling.num_steps - "
+                                   r"sampling.early_stop_max \(T - m = 10\)"),
     ("optim.lr=-1", "optim.lr must be > 0"),
     ("optim.lr=0", "optim.lr must be > 0"),
     ("optim.lr=.nan", "optim.lr must be a finite number"),
