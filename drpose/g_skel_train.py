@@ -42,6 +42,7 @@ from drpose.models.rig import ViewRig
 from drpose.skeleton import BODY22_BONES, NUM_BODY_JOINTS
 from drpose.training.schedule import half_cosine
 from drpose_kernels import pose_score
+from drpose_kernels.reference import segment_exponent
 
 STATE_FILE = "training_state.pt"
 
@@ -174,7 +175,7 @@ def cut_limbs(images: torch.Tensor, joints: torch.Tensor, rig: ViewRig, share: f
     generator = torch.Generator().manual_seed(seed)
     count = int(round(share * images.shape[0]))
     chosen = torch.randperm(images.shape[0], generator=generator)[:count]
-    images, joints = images[chosen].clone(), joints[chosen]
+    images, joints = images[chosen], joints[chosen]
     size = images.shape[-1]
     segments, weights = rig.segments_and_weights(joints, size, include_bones=True, framing=rig.frame(joints))
     bones = segments[:, :, NUM_BODY_JOINTS:]  # (M, 6, 21, 2, 2)
@@ -184,12 +185,11 @@ def cut_limbs(images: torch.Tensor, joints: torch.Tensor, rig: ViewRig, share: f
     length3d = (joints[:, children] - joints[:, parents]).norm(dim=-1).clamp_min(1e-6)  # (M, 21)
     scale = (screen / length3d[:, None]).amax(dim=(1, 2))  # pixels per metre, (M,)
     limb = torch.tensor([c - 1 for c in LIMB_BONE_CHILDREN])
+    radius_px = radius * scale  # (M,)
     cuts = torch.full((count, 6, 3), -1.0)
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
-    pixels = torch.stack([xs, ys], -1)  # (R, R, 2) as (x, y)
+    gaps = torch.zeros(count, 6, 2, 2)  # the erased stretch of each view's cut bone, pixels
     for m in range(count):
-        r = float(radius * scale[m])
+        r = float(radius_px[m])
         for v in range(6):
             eligible = limb[(screen[m, v, limb] >= 3 * r) & (weights[m, v, NUM_BODY_JOINTS + limb] > 0)]
             if eligible.numel() == 0:
@@ -202,17 +202,14 @@ def cut_limbs(images: torch.Tensor, joints: torch.Tensor, rig: ViewRig, share: f
                 gone, drawn = (kept, 1 - margin), (0.0, kept)
             else:
                 gone, drawn = (margin, 1 - kept), (1 - kept, 1.0)
-            p, q = a + gone[0] * (b - a), a + gone[1] * (b - a)
-            d = q - p
-            t = (((pixels - p) * d).sum(-1) / d.dot(d).clamp_min(1e-9)).clamp(0, 1)
-            near = (pixels - (p + t[..., None] * d)).norm(dim=-1) <= r  # (R, R)
-            for domain in range(2):
-                view = images[m, domain, v]
-                background = view[:, 0, 0]
-                foreground = (view != background[:, None, None]).any(0)
-                erase = near & foreground
-                view[:, erase] = background[:, None]
+            gaps[m, v] = torch.stack([a + gone[0] * (b - a), a + gone[1] * (b - a)])
             cuts[m, v] = torch.tensor([NUM_BODY_JOINTS + bone, drawn[0], drawn[1]])
+    # squared pixel distance to the gap / 2 (the heatmap exponent at sigma 1), (M, 6, R, R)
+    near = segment_exponent(gaps, 1.0, size, size, torch.float32) <= (radius_px**2 / 2)[:, None, None, None]
+    near &= (cuts[..., 0] >= 0)[..., None, None]
+    background = images[..., :1, :1]  # each view's corner pixel, (M, 2, 6, 3, 1, 1)
+    erase = near[:, None, :, None] & (images != background).any(3, keepdim=True)
+    images = torch.where(erase, background.expand_as(images), images)
     return images, joints, cuts
 
 
@@ -324,6 +321,7 @@ def run(bundle: Path, data: list[Path], out: Path, held_out: Path | None = None,
             raise ValueError(f"--held-out-share must be in (0, 1), got {held_out_share}")
         cut = len(images) - max(1, int(round(held_out_share * len(images))))
         images, test_images, joints, test_joints = images[:cut], images[cut:], joints[:cut], joints[cut:]
+    whole = len(images)
     images, joints, cuts = with_limb_cuts(images, joints, rig, settings)
     train_views = view_latents(vae, images, joints, rig, image_size, cuts)
     test_views = view_latents(vae, test_images, test_joints, rig, image_size)
@@ -331,7 +329,7 @@ def run(bundle: Path, data: list[Path], out: Path, held_out: Path | None = None,
     model.save_pretrained(out)
     report = {
         "held_out": keypoint_accuracy(model, test_views, rig, image_size),
-        "train": keypoint_accuracy(model, train_views.select(slice(0, 256)), rig, image_size),  # whole views
+        "train": keypoint_accuracy(model, train_views.select(slice(0, min(256, whole))), rig, image_size),
         "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
         "settings": asdict(settings), "samples": {"train": len(train_views), "held_out": len(test_views)},
         "latent_size": train_views.latents.shape[-1], "image_size": image_size,
