@@ -138,6 +138,11 @@ def timed_run(config: Path, out: Path, *extra: str) -> float:
     return time.monotonic() - started
 
 
+def run_seconds(out: Path) -> float:
+    """The seconds a finished run took from its start (its config.yaml written) to its end (summary.json)."""
+    return (out / "summary.json").stat().st_mtime - (out / "config.yaml").stat().st_mtime
+
+
 def kill_round(config: Path, out: Path, reference: Path, rng: random.Random, during_save: bool,
                expected_s: float, *extra: str) -> Round:
     """One run killed (SIGKILL) at a random moment after it started (its config.yaml written), or right after a

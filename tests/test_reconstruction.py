@@ -1,6 +1,7 @@
 """3D reconstruction from the six body views, and its metrics against exactly known surfaces."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -217,6 +218,22 @@ def test_a_process_pool_gives_what_one_process_gives(narrow_bodies):
     assert np.array_equal(serial[0].reconstruction.mesh.vertices, parallel[0].reconstruction.mesh.vertices)
     with reconstruction_pool(1) as pool:
         assert pool is None  # one job: no pool
+
+
+def test_the_pool_size_comes_from_the_environment_when_set(monkeypatch):
+    from drpose.reconstruction.reconstruct import WORKERS_VARIABLE, default_workers, reconstruction_pool
+
+    monkeypatch.setenv(WORKERS_VARIABLE, "1")
+    with reconstruction_pool(8) as pool:
+        assert pool is None  # one worker: the jobs run in this process
+    monkeypatch.setenv(WORKERS_VARIABLE, "3")
+    assert default_workers() == 3
+    monkeypatch.delenv(WORKERS_VARIABLE)
+    assert default_workers() == len(os.sched_getaffinity(0))
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(WORKERS_VARIABLE, bad)
+        with pytest.raises(ValueError, match=f"{WORKERS_VARIABLE}='{bad}'"):
+            default_workers()
 
 
 def test_pshuman_layout_unmirrors_and_pastes_the_face_normal():

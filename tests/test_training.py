@@ -580,18 +580,17 @@ def test_check_files_names_missing_model_folders_and_datasets(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_runs_resume_bit_identical_and_never_leave_a_partial_checkpoint(fixture, tmp_path):
-    """Two rounds of tests/kill_resume.py: one killed at a random moment, one right after a save began."""
+def test_killed_runs_resume_bit_identical_and_never_leave_a_partial_checkpoint(reference_run, fixture, tmp_path):
+    """Two rounds of tests/kill_resume.py: one killed at a random moment, one right after a save began; the
+    uninterrupted run to compare with is ``reference_run`` (the same config, 3 steps, run from another folder)."""
     import random
 
-    reference = tmp_path / "reference"
-    expected_s = kill_resume.timed_run(fixture, reference, "run.max_steps=4")
+    expected_s = kill_resume.run_seconds(reference_run)
     rng = random.Random(0)
     for index, during_save in enumerate((False, True)):
-        run = kill_resume.kill_round(fixture, tmp_path / f"round{index}", reference, rng, during_save, expected_s,
-                                     "run.max_steps=4")
+        run = kill_resume.kill_round(fixture, tmp_path / f"round{index}", reference_run, rng, during_save, expected_s)
         assert run.resumed_identical, run
-    assert len(curve(reference)) == 4
+    assert len(curve(reference_run)) == 3
 
 
 @pytest.mark.slow

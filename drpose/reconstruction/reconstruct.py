@@ -226,6 +226,19 @@ def image_metrics(reconstruction: Reconstruction, geometry: ViewGeometry, truth_
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+WORKERS_VARIABLE = "DRPOSE_RECONSTRUCTION_WORKERS"
+
+
+def default_workers() -> int:
+    """The reconstruction pool's size: ``DRPOSE_RECONSTRUCTION_WORKERS`` when set, else the usable cores."""
+    value = os.environ.get(WORKERS_VARIABLE)
+    if value is None:
+        return len(os.sched_getaffinity(0))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{WORKERS_VARIABLE}={value!r}: expected a whole number of processes >= 1")
+    return int(value)
+
+
 @contextlib.contextmanager
 def reconstruction_pool(jobs: int, workers: int | None = None):
     """A pool of processes for ``jobs`` reconstructions (one per core, at most ``jobs``), or None where one
@@ -236,8 +249,11 @@ def reconstruction_pool(jobs: int, workers: int | None = None):
 
     A reconstruction is mostly single-threaded NumPy/SciPy: each worker computes with one thread, set before
     its NumPy and torch start (OpenBLAS threads that spin while another process holds the core cost more than
-    they give: measured 2x slower per body with two threads per worker)."""
-    workers = min(workers or len(os.sched_getaffinity(0)), jobs)
+    they give: measured 2x slower per body with two threads per worker).
+
+    ``workers`` defaults to ``DRPOSE_RECONSTRUCTION_WORKERS`` when set (the test suite sets it to each test
+    worker's share of the cores), else to the cores this process may run on."""
+    workers = min(workers or default_workers(), jobs)
     if workers < 2:
         yield None
         return
