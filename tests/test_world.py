@@ -34,7 +34,7 @@ def test_shipped_world_is_a_pshuman_format_bundle_that_generates_all_views():
 def test_build_command_writes_a_loadable_world(tmp_path):
     out = tmp_path / "world"
     result = subprocess.run([sys.executable, "-m", "drpose.world.build", "--out", str(out), "--work",
-                             str(tmp_path / "work"), "--quick", "--vae-steps", "4", "--g-skel-steps", "8"],
+                             str(tmp_path / "work"), "--quick", "--vae-steps", "4", "--g-skel-steps", "8", "--base-steps", "4"],
                             capture_output=True, text=True, timeout=900)  # every stage, in fewer steps than --quick's
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
