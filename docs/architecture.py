@@ -16,7 +16,7 @@ BOXES = {
     "data": (0.2, 3.6, 2.3, 1.0, "DrPose15K-format data\nfront image + pose\n(drpose.data)", "#e8eef7"),
     "cond": (3.0, 3.9, 2.5, 1.4, "PSHuman conditioning\nVAE latent (body + face crop)\nCLIP image embedding (unCLIP)\nprompt embeds per (domain, view)", "#eef5e8"),
     "rig": (3.0, 2.2, 2.5, 1.1, "joints -> ViewRig\n6 body views, back/left mirrored\nsegments + weights", "#e8eef7"),
-    "sampler": (6.0, 3.9, 2.8, 1.4, "DDIM over T steps\nUNetMV2DConditionModel + LoRA\n7 views x {normal, RGB}\nDRTune, checkpointed calls", "#fbefe0"),
+    "sampler": (6.0, 3.9, 2.8, 1.4, "DDIM over T steps\nUNetMV2DConditionModel + LoRA\n7 views x {normal, RGB}\nDRTune (real) | DRaFT-K (tiny)", "#fbefe0"),
     "gskel": (9.3, 4.2, 2.0, 0.8, "g_skel (6 body views)\nlatent -> heatmaps", "#eef5e8"),
     "op": (9.3, 2.2, 2.0, 1.1, "fused PoseScore\n(Triton, fwd + bwd)\ndrpose_kernels", "#f7e1e1"),
     "loss": (11.8, 3.3, 2.4, 1.2, "loss = -PoseScore\n+ w_KL * KL\n+ w_pres * preservation\n(adapters off = frozen)", "#f3e8f7"),

@@ -450,8 +450,9 @@ def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint(referen
 
 @pytest.mark.parametrize("override, message", [
     ("sampling.num_grad_steps=0", r"sampling.num_grad_steps \(K\) must be >= 1"),
-    ("sampling.num_grad_steps=11", r"sampling.num_grad_steps \(K=11\) must be <= sampling.num_steps - "
-                                   r"sampling.early_stop_max \(T - m = 10\)"),
+    ("sampling.num_grad_steps=11", r"sampling.num_grad_steps \(K=11\) must be <= sampling.num_steps \(T=10\)"),
+    ("sampling.policy=drtune sampling.early_stop_max=3 sampling.num_grad_steps=8",
+     r"sampling.num_grad_steps \(K=8\) must be <= sampling.num_steps - sampling.early_stop_max \(T - m = 7\)"),
     ("optim.lr=-1", "optim.lr must be > 0"),
     ("optim.lr=0", "optim.lr must be > 0"),
     ("optim.lr=.nan", "optim.lr must be a finite number"),
@@ -471,7 +472,7 @@ def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint(referen
 ])
 def test_bad_settings_are_refused_by_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(ROOT / "configs" / "tiny.yaml", [override])
+        load_config(ROOT / "configs" / "tiny.yaml", override.split(" "))
 
 
 def test_yaml_and_deepspeed_json_errors_name_the_file_line_and_column(tmp_path):
