@@ -631,7 +631,7 @@ def test_two_gloo_processes_in_bf16_match_one_process_at_the_same_global_batch(f
 def world_args(out: Path, *extra: str) -> list[str]:
     bundle = [f"model.pipeline={WORLD}/pipeline", f"model.g_skel={WORLD}/g_skel"] if WORLD else []
     return [f"run.output_dir={out}", "run.max_steps=2", "run.checkpoint_every=1", "sampling.num_steps=3",
-            "data.batch_size=2", "sampling.early_stop_max=1", "preserve.num=4", "data.synthesize_num=4",
+            "data.batch_size=2", "preserve.num=4", "data.synthesize_num=4",
             "data.synthesize_fps_pool=null",
             f"data.path={out.parent / 'world_data'}", f"preserve.path={out.parent / 'world_preserve'}", *bundle, *extra]
 
