@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from smplx.lbs import batch_rodrigues
 from synthetic_smplx import write_model
 
 from drpose.body import SMPLXBody, SMPLXParams, joints_from_params
@@ -75,6 +77,37 @@ def test_synthesize_is_deterministic_and_refuses_a_used_folder(synthetic, tmp_pa
     with pytest.raises(SystemExit):
         synthesize_main(["--out", str(again), "--num", "1", "--distribution", "narrow"])
     assert "is not empty; choose a new folder" in capsys.readouterr().err
+
+
+def test_the_share_of_breaking_moves_reaches_the_poses_and_is_named_in_the_sources(tmp_path, capsys):
+    # broad's poses that are not breaking moves tilt at most 25 degrees about each of two axes
+    upright_within = math.acos(math.cos(math.radians(25)) ** 2) + 1e-4
+
+    def tilts(out):
+        params = DrPoseDataset(out).records
+        rotation = batch_rodrigues(torch.cat([record.params.global_orient for record in params]))
+        return torch.arccos(rotation[:, 1, 1].clamp(-1, 1))  # angle between the body's up axis and the world's
+
+    for share, name in ((1.0, "breaking=1:"), (0.0, "breaking=0:"), (0.25, "")):
+        out = tmp_path / f"share{share}"
+        synthesize_main(["--out", str(out), "--num", "8", "--distribution", "broad", "--seed", "5", "--resolution",
+                         "16", "--fps-pool", "16", "--breaking-share", str(share)])
+        assert all(record.source.startswith(f"synthetic:broad:seed=5:{name}pool=16:index=")
+                   for record in DrPoseDataset(out).records)
+    assert (tilts(tmp_path / "share0.0") <= upright_within).all()
+    assert (tilts(tmp_path / "share1.0") > upright_within).sum() >= 4  # uniform orientations: most lean far
+    # the default share, named or not, draws the same poses as before the option existed
+    default = tmp_path / "default"
+    synthesize(default, 8, "broad", 5, 16, progress=False, fps_pool=16)
+    for a, b in zip(DrPoseDataset(default).records, DrPoseDataset(tmp_path / "share0.25").records):
+        assert a.source == b.source
+        torch.testing.assert_close(a.params.global_orient, b.params.global_orient)
+    for argv, message in ((["--distribution", "narrow", "--breaking-share", "0.5"], "only --distribution broad"),
+                          (["--distribution", "broad", "--breaking-share", "1.5"], r"must be in \[0, 1\], got 1.5")):
+        with pytest.raises(SystemExit):
+            synthesize_main(["--out", str(tmp_path / "bad"), "--num", "2", *argv])
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_synthesize_keeps_the_most_diverse_of_a_pool(tmp_path, capsys):

@@ -467,6 +467,9 @@ def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint(referen
     ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio must be in \[0, 1\], got 1.5"),
     ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
     ("data.synthesize_distribution=wide", "data.synthesize_distribution must be one of"),
+    ("data.synthesize_breaking_share=1.5", r"data.synthesize_breaking_share must be in \[0, 1\] or null, got 1.5"),
+    ("data.synthesize_breaking_share=0.5 data.synthesize_distribution=narrow",
+     "data.synthesize_breaking_share: only `broad` has breaking moves, but data.synthesize_distribution is 'narrow'"),
     ("sampling.policy=[", "override 'sampling.policy=\\[': the value is not valid YAML \\(line 1, column 2"),
     ("sampling.polcy=draft", "did you mean 'sampling.policy'"),
 ])
@@ -562,7 +565,9 @@ def test_a_stale_synthesized_dataset_is_refused_by_name(fixture):
 
     data = DrPoseDataset(fixture.parent.parent / "data")  # 4 broad poses, seed 300, no selection from a pool
     check_synthesized(data, "data.path", "broad", 4, 300, None)
-    for changed in (("broad", 5, 300, None), ("broad", 4, 301, None), ("hard", 4, 300, None), ("broad", 4, 300, 64)):
+    check_synthesized(data, "data.path", "broad", 4, 300, None, 0.25)  # the default share, named
+    for changed in (("broad", 5, 300, None), ("broad", 4, 301, None), ("hard", 4, 300, None), ("broad", 4, 300, 64),
+                    ("broad", 4, 300, None, 0.5)):
         with pytest.raises(ConfigError, match=r"data.path: .* holds 4 synthetic records "
                                               r"\(synthetic:broad:seed=300:\.\.\.\)"):
             check_synthesized(data, "data.path", *changed)
@@ -679,3 +684,17 @@ def test_world_zero3_runs_and_exports_gathered_adapters(world_run, tmp_path, ds_
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
     exported = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     assert exported and all(v.numel() > 0 for v in exported.values()), "ZeRO-3 adapters are gathered before export"
+
+
+def test_the_trainer_synthesizes_its_set_with_the_configured_share_of_breaking_moves(tmp_path):
+    from drpose.training.trainer import prepare_data
+
+    path = tmp_path / "breaking"
+    overrides = [f"data.path={path}", "data.synthesize_distribution=broad", "data.synthesize_num=3",
+                 "data.synthesize_seed=7", "data.synthesize_breaking_share=1.0"]
+    ctx = type("Ctx", (), {"is_main": True, "barrier": lambda self: None})()
+    dataset = prepare_data(load_config(None, overrides), ctx, 16)
+    assert [r.source for r in dataset.records] == [f"synthetic:broad:seed=7:breaking=1:index={i}" for i in range(3)]
+    # the same folder asked for with the default share is another set: refused by name, not reused
+    with pytest.raises(ConfigError, match=r"holds 3 synthetic records \(synthetic:broad:seed=7:breaking=1:\.\.\.\)"):
+        prepare_data(load_config(None, overrides[:-1]), ctx, 16)

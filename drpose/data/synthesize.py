@@ -20,7 +20,7 @@ from tqdm import tqdm
 from drpose.body import SMPLXBody, SMPLXParams, joints_from_params
 from drpose.cameras import CameraRig
 from drpose.data.dataset import DatasetWriter
-from drpose.poses import DISTRIBUTIONS, farthest_point_sampling, remove_heading, sample_poses
+from drpose.poses import BREAKING_SHARE, DISTRIBUTIONS, farthest_point_sampling, remove_heading, sample_poses
 from drpose.render import Renders, render_bodies
 
 NUM_BETAS = 10
@@ -68,6 +68,19 @@ def select_diverse(params: SMPLXParams, num: int, seed: int) -> torch.Tensor:
     return farthest_point_sampling(joints, num, seed=seed).sort().values
 
 
+def source_prefix(distribution: str, seed: int, fps_pool: int | None = None, breaking_share: float | None = None) -> str:
+    """What each synthesized record's source starts with (its pose index follows): the settings that drew it, so
+    that a folder can be checked against the settings that ask for it. The share of breaking moves is named
+    only when ``broad`` is drawn with another share than the default (the other distributions have none)."""
+    if breaking_share is not None and not (isinstance(breaking_share, (int, float)) and not isinstance(breaking_share, bool)
+                                           and 0.0 <= breaking_share <= 1.0):
+        raise ValueError(f"breaking_share: expected a number in [0, 1], got {breaking_share!r}")
+    named = breaking_share is not None and breaking_share != BREAKING_SHARE and distribution == "broad"
+    share = f"breaking={float(breaking_share):g}:" if named else ""
+    pool = f"pool={fps_pool}:" if fps_pool is not None else ""
+    return f"synthetic:{distribution}:seed={seed}:{share}{pool}index="
+
+
 def synthesize(out: str | Path, num: int, distribution: str, seed: int, resolution: int = 72,
                rig: CameraRig | None = None, progress: bool = True, fps_pool: int | None = None,
                breaking_share: float | None = None) -> Path:
@@ -80,14 +93,15 @@ def synthesize(out: str | Path, num: int, distribution: str, seed: int, resoluti
     if fps_pool is not None and (isinstance(fps_pool, bool) or not isinstance(fps_pool, int) or fps_pool < num):
         raise ValueError(f"fps_pool: expected an int >= num ({num}) (the pool to select from), got {fps_pool!r}")
     rig = CameraRig() if rig is None else rig
+    prefix = source_prefix(distribution, seed, fps_pool, breaking_share)
     if fps_pool is None:
         params = sample_poses(distribution, num, seed, breaking_share=breaking_share)
-        origin = [f"synthetic:{distribution}:seed={seed}:index={index}" for index in range(num)]
+        origin = [f"{prefix}{index}" for index in range(num)]
     else:
         pool = sample_poses(distribution, fps_pool, seed, breaking_share=breaking_share)
         chosen = select_diverse(pool, num, seed)
         params = pool.select(chosen)
-        origin = [f"synthetic:{distribution}:seed={seed}:pool={fps_pool}:index={index}" for index in chosen.tolist()]
+        origin = [f"{prefix}{index}" for index in chosen.tolist()]
     params = SMPLXParams(params.global_orient, params.body_pose,
                          betas=torch.zeros(num, NUM_BETAS), transl=torch.zeros(num, 3))
     with DatasetWriter(out) as writer:
@@ -110,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=72, help="image side in pixels (the tiny world's: 72)")
     parser.add_argument("--fps-pool", type=int, default=None, metavar="M",
                         help="draw M poses and keep the --num most diverse (farthest-point sampling), as DrPose15K does")
+    parser.add_argument("--breaking-share", type=float, default=None, metavar="S",
+                        help=f"share of `broad` poses in breaking moves, in [0, 1] (default {BREAKING_SHARE:g})")
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be at least 1")
@@ -117,8 +133,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--resolution must be at least 1")
     if args.fps_pool is not None and args.fps_pool < args.num:
         parser.error(f"--fps-pool must be at least --num ({args.num}), got {args.fps_pool}")
+    if args.breaking_share is not None and args.distribution != "broad":
+        parser.error(f"--breaking-share: only --distribution broad has breaking moves, got {args.distribution}")
+    if args.breaking_share is not None and not 0.0 <= args.breaking_share <= 1.0:
+        parser.error(f"--breaking-share must be in [0, 1], got {args.breaking_share:g}")
     try:
-        synthesize(args.out, args.num, args.distribution, args.seed, args.resolution, fps_pool=args.fps_pool)
+        synthesize(args.out, args.num, args.distribution, args.seed, args.resolution, fps_pool=args.fps_pool,
+                   breaking_share=args.breaking_share)
     except FileExistsError as error:
         parser.error(str(error))
     print(f"wrote {args.num} {args.distribution} samples to {args.out}")

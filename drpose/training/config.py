@@ -88,6 +88,7 @@ class DataConfig:
     synthesize_num: int = 256
     synthesize_seed: int = 300
     synthesize_fps_pool: int | None = None  # draw this many and keep the synthesize_num most diverse (DrPose15K's FPS)
+    synthesize_breaking_share: float | None = None  # share of `broad` poses in breaking moves (None: the default 0.25)
 
 
 @dataclass
@@ -370,6 +371,14 @@ def validate(config: TrainConfig) -> None:
          f"data.synthesize_fps_pool must be >= data.synthesize_num ({config.data.synthesize_num}) or null, "
          f"got {config.data.synthesize_fps_pool}"),
         (config.preserve.num >= 1, f"preserve.num must be >= 1, got {config.preserve.num}"),
+        (config.data.synthesize_breaking_share is None
+         or (isinstance(config.data.synthesize_breaking_share, (int, float))
+             and not isinstance(config.data.synthesize_breaking_share, bool)
+             and 0.0 <= config.data.synthesize_breaking_share <= 1.0),
+         f"data.synthesize_breaking_share must be in [0, 1] or null, got {config.data.synthesize_breaking_share!r}"),
+        (config.data.synthesize_breaking_share is None or config.data.synthesize_distribution == "broad",
+         f"data.synthesize_breaking_share: only `broad` has breaking moves, but data.synthesize_distribution is "
+         f"{config.data.synthesize_distribution!r}"),
     ]
     for ok, message in checks:
         if not ok:

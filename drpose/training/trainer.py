@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from drpose.data.dataset import DatasetError, DrPoseDataset
-from drpose.data.synthesize import synthesize
+from drpose.data.synthesize import source_prefix, synthesize
 from drpose.memory import read_peak, reset_peak
 from drpose.models.bundle import ModelBundle
 from drpose.models.sampling import DDIMSampler, GradientPolicy, make_plan
@@ -137,10 +137,11 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict:
 def prepare_data(config: TrainConfig, ctx: DistributedContext, image_size: int) -> DrPoseDataset:
     data = config.data
     dataset = _synthesized_folder(Path(data.path), "data", data.synthesize_distribution, data.synthesize_num,
-                                  data.synthesize_seed, data.synthesize_fps_pool, image_size, ctx)
+                                  data.synthesize_seed, data.synthesize_fps_pool, image_size, ctx,
+                                  data.synthesize_breaking_share)
     if data.synthesize_distribution is not None:
         check_synthesized(dataset, "data.path", data.synthesize_distribution, data.synthesize_num,
-                          data.synthesize_seed, data.synthesize_fps_pool)
+                          data.synthesize_seed, data.synthesize_fps_pool, data.synthesize_breaking_share)
     if dataset.image_size != image_size:
         raise ConfigError(f"data.path: {dataset.root} holds {dataset.image_size}px images; the model takes "
                           f"{image_size}x{image_size}")
@@ -148,7 +149,8 @@ def prepare_data(config: TrainConfig, ctx: DistributedContext, image_size: int) 
 
 
 def _synthesized_folder(path: Path, section: str, distribution: str | None, num: int, seed: int,
-                        fps_pool: int | None, image_size: int, ctx: DistributedContext) -> DrPoseDataset:
+                        fps_pool: int | None, image_size: int, ctx: DistributedContext,
+                        breaking_share: float | None = None) -> DrPoseDataset:
     """The dataset at ``path``; rank 0 synthesizes it first when it is missing and ``distribution`` is set."""
     if not (path / "manifest.jsonl").exists():
         if distribution is None:
@@ -158,8 +160,10 @@ def _synthesized_folder(path: Path, section: str, distribution: str | None, num:
                               f"the trainer create it")
         if ctx.is_main:
             picked = f" (the most diverse of {fps_pool}, farthest-point sampling)" if fps_pool is not None else ""
-            print(f"[drpose] synthesizing {num} {distribution} poses{picked} into {path}", flush=True)
-            synthesize(path, num, distribution, seed, image_size, progress=True, fps_pool=fps_pool)
+            share = f", {breaking_share:g} of them breaking moves" if breaking_share is not None else ""
+            print(f"[drpose] synthesizing {num} {distribution} poses{picked}{share} into {path}", flush=True)
+            synthesize(path, num, distribution, seed, image_size, progress=True, fps_pool=fps_pool,
+                       breaking_share=breaking_share)
         ctx.barrier()
     try:
         return DrPoseDataset(path)
@@ -168,14 +172,13 @@ def _synthesized_folder(path: Path, section: str, distribution: str | None, num:
 
 
 def check_synthesized(dataset: DrPoseDataset, key: str, distribution: str, num: int, seed: int,
-                      fps_pool: int | None) -> None:
+                      fps_pool: int | None, breaking_share: float | None = None) -> None:
     """A folder the trainer synthesized earlier must match what the config asks for now (a dataset of one's own,
     whose records are not all synthetic, is used as it is)."""
     sources = [record.source or "" for record in dataset.records]
     if not all(source.startswith("synthetic:") for source in sources):
         return
-    pool = f"pool={fps_pool}:" if fps_pool is not None else ""
-    expected = f"synthetic:{distribution}:seed={seed}:{pool}index="
+    expected = source_prefix(distribution, seed, fps_pool, breaking_share)
     if len(sources) != num or not all(source.startswith(expected) for source in sources):
         found = sources[0].rsplit("index=", 1)[0] if sources else "nothing"
         raise ConfigError(
