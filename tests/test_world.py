@@ -49,3 +49,23 @@ def test_build_command_writes_a_loadable_world(tmp_path):
 def test_missing_world_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
         load_world(tmp_path)
+
+
+def test_readers_probe_reads_true_views_well_and_redraws_worse(tmp_path, capsys):
+    import json
+
+    from drpose.world.readers import main as readers_main
+
+    readers_main(["--num", "3", "--t", "0", "449", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "readers.json").read_text())
+    truth, redrawn = report["timesteps"]["0"], report["timesteps"]["449"]
+    # both readers find the true views' poses (the world's ceilings: about 0.87 and 0.96 on 48 bodies)
+    assert truth["estimator"]["pck@0.1"] > 0.75 and truth["g_skel"]["pck@0.1"] > 0.85
+    # a re-draw from t = 449 is the model's own drawing: further from the truth by the reward's own measure
+    assert redrawn["g_skel"]["pose_score"] < truth["g_skel"]["pose_score"]
+    assert redrawn["estimator"]["mpjpe"] > truth["estimator"]["mpjpe"]
+    assert (tmp_path / "views_t0.png").is_file() and (tmp_path / "views_t449.png").is_file()
+    assert "t= 449  PCK@0.1 estimator" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        readers_main(["--t", "1000", "--out", str(tmp_path / "bad")])
+    assert "--t must be in [0, 1000), got [1000]" in capsys.readouterr().err
