@@ -1,6 +1,6 @@
 """How the world's two readers agree on views the base model re-draws from true ones.
 
-    python -m drpose.world.readers [--num 48] [--t 0 249 449] [--out runs/readers] [--lora RUN/lora]
+    python -m drpose.world.readers [--num 48] [--t 0 249 449] [--out runs/readers] [--lora RUN/lora] [--g-skel DIR]
 
 g_skel (the reward's reader, on latents) and the independent estimator (the evaluation's, on decoded part
 colours) both read true views well. The question for reward fine-tuning is how they read views a model has
@@ -99,10 +99,10 @@ def save_views(rgb: torch.Tensor, path: Path, count: int = 4, scale: int = 3) ->
 
 @torch.no_grad()
 def probe(num: int, timesteps: list[int], out: Path, distribution: str = "hard", seed: int = 4242,
-          lora: str | None = None, bundle: ModelBundle | None = None) -> dict:
+          lora: str | None = None, bundle: ModelBundle | None = None, g_skel: str | None = None) -> dict:
     from drpose.training.preserve import PreservationSet
 
-    bundle = ModelBundle.load() if bundle is None else bundle
+    bundle = ModelBundle.load(g_skel=g_skel) if bundle is None else bundle
     if lora is not None:
         from drpose.training.lora import load_lora
         load_lora(bundle.pipeline.unet, lora)  # the pipeline's UNet now re-draws with the adapters
@@ -122,7 +122,8 @@ def probe(num: int, timesteps: list[int], out: Path, distribution: str = "hard",
         print(f"t={t:4d}  PCK@0.1 estimator {metrics['estimator']['pck@0.1']:.3f}  g_skel "
               f"{metrics['g_skel']['pck@0.1']:.3f}  |  MPJPE estimator {metrics['estimator']['mpjpe']:.0f} mm  g_skel "
               f"{metrics['g_skel']['mpjpe']:.0f} mm  |  PoseScore {metrics['g_skel']['pose_score']:.4f}", flush=True)
-    report = {"num": num, "distribution": distribution, "seed": seed, "lora": lora, "schedule_steps": SCHEDULE_STEPS,
+    report = {"num": num, "distribution": distribution, "seed": seed, "lora": lora, "g_skel": g_skel or "the world's",
+              "schedule_steps": SCHEDULE_STEPS,
               "timesteps": results}
     (out / "readers.json").write_text(json.dumps(report, indent=1))
     return report
@@ -136,6 +137,7 @@ def main(argv=None) -> None:
     parser.add_argument("--distribution", default="hard", choices=("narrow", "broad", "hard"))
     parser.add_argument("--seed", type=int, default=None, help="pose seed (default: the held-out set's)")
     parser.add_argument("--lora", default=None, help="a run's lora/ folder: re-draw with the fine-tuned model")
+    parser.add_argument("--g-skel", default=None, help="a g_skel folder to read with (default: the world's)")
     parser.add_argument("--out", type=Path, default=Path("runs/readers"))
     args = parser.parse_args(argv)
     if args.num < 1:
@@ -146,7 +148,7 @@ def main(argv=None) -> None:
     from drpose.evaluate import HELD_OUT_SEEDS
 
     seed = args.seed if args.seed is not None else HELD_OUT_SEEDS.get(args.distribution, 0)
-    probe(args.num, args.t, args.out, args.distribution, seed, args.lora)
+    probe(args.num, args.t, args.out, args.distribution, seed, args.lora, g_skel=args.g_skel)
 
 
 if __name__ == "__main__":
