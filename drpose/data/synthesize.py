@@ -72,9 +72,6 @@ def source_prefix(distribution: str, seed: int, fps_pool: int | None = None, bre
     """What each synthesized record's source starts with (its pose index follows): the settings that drew it, so
     that a folder can be checked against the settings that ask for it. The share of breaking moves is named
     only when ``broad`` is drawn with another share than the default (the other distributions have none)."""
-    if breaking_share is not None and not (isinstance(breaking_share, (int, float)) and not isinstance(breaking_share, bool)
-                                           and 0.0 <= breaking_share <= 1.0):
-        raise ValueError(f"breaking_share: expected a number in [0, 1], got {breaking_share!r}")
     named = breaking_share is not None and breaking_share != BREAKING_SHARE and distribution == "broad"
     share = f"breaking={float(breaking_share):g}:" if named else ""
     pool = f"pool={fps_pool}:" if fps_pool is not None else ""
@@ -93,15 +90,16 @@ def synthesize(out: str | Path, num: int, distribution: str, seed: int, resoluti
     if fps_pool is not None and (isinstance(fps_pool, bool) or not isinstance(fps_pool, int) or fps_pool < num):
         raise ValueError(f"fps_pool: expected an int >= num ({num}) (the pool to select from), got {fps_pool!r}")
     rig = CameraRig() if rig is None else rig
-    prefix = source_prefix(distribution, seed, fps_pool, breaking_share)
     if fps_pool is None:
-        params = sample_poses(distribution, num, seed, breaking_share=breaking_share)
-        origin = [f"{prefix}{index}" for index in range(num)]
+        params = sample_poses(distribution, num, seed, breaking_share=breaking_share)  # checks the share
+        indices = list(range(num))
     else:
         pool = sample_poses(distribution, fps_pool, seed, breaking_share=breaking_share)
         chosen = select_diverse(pool, num, seed)
         params = pool.select(chosen)
-        origin = [f"{prefix}{index}" for index in chosen.tolist()]
+        indices = chosen.tolist()
+    prefix = source_prefix(distribution, seed, fps_pool, breaking_share)
+    origin = [f"{prefix}{index}" for index in indices]
     params = SMPLXParams(params.global_orient, params.body_pose,
                          betas=torch.zeros(num, NUM_BETAS), transl=torch.zeros(num, 3))
     with DatasetWriter(out) as writer:

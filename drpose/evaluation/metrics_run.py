@@ -53,50 +53,65 @@ class EvaluationOutputs:
 
 
 @torch.no_grad()
+def read_views(bundle: ModelBundle, latents: torch.Tensor, joints: torch.Tensor, reward: PoseReward,
+               readers: tuple[str, ...] = ("estimator",)) -> dict[str, EvaluationOutputs]:
+    """Measure the body views of multi-view latents (B, 2, V, c, h, w) of bodies with joints (B, 22, 3): per
+    reader, ``estimator`` (the independent estimator on the decoded RGB views) or ``g_skel`` (g_skel's reading,
+    un-mirrored into camera pixels and triangulated; no independent 3D estimate), the outputs without normals."""
+    from drpose.g_skel_train import predicted_keypoints
+
+    pipeline, rig = bundle.pipeline, bundle.rig
+    size = pipeline.image_size
+    framing = rig.frame(joints)
+    score = reward(grid_to_rows(latents.transpose(0, 1)), joints, framing)
+    body = latents[:, COLOR, :NUM_BODY_VIEWS]
+    rgb = pipeline.decode_latents(body.flatten(0, 1)).view(*body.shape[:2], 3, size, size)
+    rgb = rig.unmirror(rgb)  # camera images: what the estimator and the figures read
+    truth2d, depth = rig.cameras.project(joints, size, framing)
+    visible = rig.cameras.visible_in_frame(truth2d, depth, size)
+    outputs = {}
+    for reader in readers:
+        if reader == "estimator":
+            estimate = estimate_keypoints(rgb, rig.cameras, framing)
+            per_view = torch.where(torch.isfinite(estimate.raw2d), estimate.raw2d, estimate.reprojected2d)
+            joints3d = estimate.joints3d
+        elif reader == "g_skel":
+            per_view = rig.as_camera(predicted_keypoints(bundle.g_skel, latents[:, :, :NUM_BODY_VIEWS], size), size)
+            joints3d = rig.cameras.triangulate(per_view, visible.float(), size, framing)
+        else:
+            raise ValueError(f"reader: expected 'estimator' or 'g_skel', got {reader!r}")
+        outputs[reader] = EvaluationOutputs(rgb, per_view, truth2d, visible, joints3d, joints, score)
+    return outputs
+
+
 def run_model(bundle: ModelBundle, unet, images: torch.Tensor, joints: torch.Tensor, num_steps: int, seed: int,
               chunk: int = 8, show_progress: bool = True, estimator: bool = True,
               keep_normals: bool | list[int] = False) -> EvaluationOutputs:
     """Generate with ``unet`` (the bundle's, or one with adapters) from front images (B, 3, R, R) of bodies
     with joints (B, 22, 3) and measure the body views; ``keep_normals`` (True, or the indices of the samples
     wanted) also decodes the normal views, for the 3D reconstruction."""
-    from drpose.g_skel_train import predicted_keypoints
-
     pipeline, rig = bundle.pipeline, bundle.rig
     size = pipeline.image_size
     sampler = DDIMSampler(pipeline.scheduler, num_steps, pipeline.num_views)
     reward = PoseReward.from_bundle(bundle, backend="auto")
+    reader = "estimator" if estimator else "g_skel"
     parts = []
     starts = range(0, images.shape[0], chunk)
     wanted = set(range(images.shape[0])) if keep_normals is True else set(keep_normals or ())
     for index, start in enumerate(tqdm(starts, desc="evaluating", disable=not show_progress, mininterval=2)):
         image, joint = images[start : start + chunk], joints[start : start + chunk]
-        framing = rig.frame(joint)
         generator = torch.Generator().manual_seed(seed + index)
         cond = pipeline.condition(image.to(next(unet.parameters()).dtype), generator=generator)
         latents = generate_views(pipeline, sampler, cond, seed=seed + index, unet=unet)  # (b, 2, V, c, h, w)
-        score = reward(grid_to_rows(latents.transpose(0, 1)), joint, framing)
-        body = latents[:, COLOR, :NUM_BODY_VIEWS]
-        rgb = pipeline.decode_latents(body.flatten(0, 1)).view(*body.shape[:2], 3, size, size)
-        rgb = rig.unmirror(rgb)  # camera images: what the estimator and the figures read
-        truth2d, depth = rig.cameras.project(joint, size, framing)
-        visible = rig.cameras.visible_in_frame(truth2d, depth, size)
-        if estimator:
-            estimate = estimate_keypoints(rgb, rig.cameras, framing)
-            per_view = torch.where(torch.isfinite(estimate.raw2d), estimate.raw2d, estimate.reprojected2d)
-            joints3d = estimate.joints3d
-        else:  # g_skel's reading, un-mirrored into camera pixels; no independent 3D estimate
-            read = predicted_keypoints(bundle.g_skel, latents[:, :, :NUM_BODY_VIEWS], size)
-            per_view = rig.as_camera(read, size)
-            joints3d = rig.cameras.triangulate(per_view, visible.float(), size, framing)
-        normal = None
+        part = read_views(bundle, latents, joint, reward, (reader,))[reader]
         if keep_normals is not False:
-            normal = torch.full_like(rgb, float("nan"))
+            part.generated_normal = torch.full_like(part.generated_rgb, float("nan"))
             local = [i for i in range(len(image)) if start + i in wanted]
             if local:
                 body_normal = latents[local, NORMAL, :NUM_BODY_VIEWS]
                 decoded = pipeline.decode_latents(body_normal.flatten(0, 1)).view(*body_normal.shape[:2], 3, size, size)
-                normal[local] = rig.unmirror(decoded).to(normal.dtype)
-        parts.append(EvaluationOutputs(rgb, per_view, truth2d, visible, joints3d, joint, score, normal))
+                part.generated_normal[local] = rig.unmirror(decoded).to(part.generated_normal.dtype)
+        parts.append(part)
     return EvaluationOutputs(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
                                for f in EvaluationOutputs.__dataclass_fields__))
 

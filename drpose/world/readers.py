@@ -25,11 +25,10 @@ import torch
 
 from drpose.data.dataset import DrPoseDataset
 from drpose.data.synthesize import synthesize
-from drpose.evaluation.keypoints import estimate_keypoints
-from drpose.evaluation.metrics_run import EvaluationOutputs, summarize
+from drpose.evaluation.metrics_run import read_views, summarize
 from drpose.models.bundle import ModelBundle
 from drpose.models.diffusion import add_noise, alphas_at, prediction_to_x0_eps
-from drpose.models.layout import COLOR, NUM_BODY_VIEWS, grid_to_rows, rows_to_grid
+from drpose.models.layout import grid_to_rows, rows_to_grid
 from drpose.models.sampling import DDIMSampler
 from drpose.reward import PoseReward
 
@@ -65,26 +64,12 @@ def redraw(bundle: ModelBundle, latents: torch.Tensor, cond, t: int, seed: int, 
 def read_both(bundle: ModelBundle, latents: torch.Tensor, joints: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """Metrics of both readers on the body views of ``latents`` (N, 2, V, c, h, w) against ``joints``, and the
     decoded RGB body views (N, 6, 3, R, R) in camera orientation."""
-    from drpose.g_skel_train import predicted_keypoints
-
-    pipeline, rig = bundle.pipeline, bundle.rig
-    size = pipeline.image_size
-    framing = rig.frame(joints)
-    score = PoseReward.from_bundle(bundle, backend="auto")(grid_to_rows(latents.transpose(0, 1)), joints, framing)
-    truth2d, depth = rig.cameras.project(joints, size, framing)
-    visible = rig.cameras.visible_in_frame(truth2d, depth, size)
-    body = latents[:, COLOR, :NUM_BODY_VIEWS]
-    rgb = rig.unmirror(pipeline.decode_latents(body.flatten(0, 1)).view(*body.shape[:2], 3, size, size))
-    estimate = estimate_keypoints(rgb, rig.cameras, framing)
-    per_view = torch.where(torch.isfinite(estimate.raw2d), estimate.raw2d, estimate.reprojected2d)
-    read = rig.as_camera(predicted_keypoints(bundle.g_skel, latents[:, :, :NUM_BODY_VIEWS], size), size)
-    read3d = rig.cameras.triangulate(read, visible.float(), size, framing)
-    names = tuple(rig.view_names)
-    return {
-        "estimator": summarize(EvaluationOutputs(rgb, per_view, truth2d, visible, estimate.joints3d, joints, score),
-                               size, names),
-        "g_skel": summarize(EvaluationOutputs(rgb, read, truth2d, visible, read3d, joints, score), size, names),
-    }, rgb
+    outputs = read_views(bundle, latents, joints, PoseReward.from_bundle(bundle, backend="auto"),
+                         ("estimator", "g_skel"))
+    names = tuple(bundle.rig.view_names)
+    size = bundle.pipeline.image_size
+    return ({reader: summarize(output, size, names) for reader, output in outputs.items()},
+            outputs["estimator"].generated_rgb)
 
 
 def save_views(rgb: torch.Tensor, path: Path, count: int = 4, scale: int = 3) -> None:
@@ -98,10 +83,12 @@ def save_views(rgb: torch.Tensor, path: Path, count: int = 4, scale: int = 3) ->
 
 
 @torch.no_grad()
-def probe(num: int, timesteps: list[int], out: Path, distribution: str = "hard", seed: int = 4242,
+def probe(num: int, timesteps: list[int], out: Path, distribution: str = "hard", seed: int | None = None,
           lora: str | None = None, bundle: ModelBundle | None = None, g_skel: str | None = None) -> dict:
+    from drpose.evaluate import HELD_OUT_SEEDS
     from drpose.training.preserve import PreservationSet
 
+    seed = HELD_OUT_SEEDS.get(distribution, 0) if seed is None else seed  # default: the held-out set's poses
     bundle = ModelBundle.load(g_skel=g_skel) if bundle is None else bundle
     if lora is not None:
         from drpose.training.lora import load_lora
@@ -145,10 +132,7 @@ def main(argv=None) -> None:
     bad = [t for t in args.t if not 0 <= t < 1000]
     if bad:
         parser.error(f"--t must be in [0, 1000), got {bad}")
-    from drpose.evaluate import HELD_OUT_SEEDS
-
-    seed = args.seed if args.seed is not None else HELD_OUT_SEEDS.get(args.distribution, 0)
-    probe(args.num, args.t, args.out, args.distribution, seed, args.lora, g_skel=args.g_skel)
+    probe(args.num, args.t, args.out, args.distribution, args.seed, args.lora, g_skel=args.g_skel)
 
 
 if __name__ == "__main__":
