@@ -116,6 +116,7 @@ def measure_case(settings: Settings, shape, dtype_name: str, modes, with_compile
                 timing.median_ms, timing.p20_ms, timing.p80_ms, timing.repeats)
             row.gbps = row.bytes / (timing.median_ms * 1e-3) / 1e9
             row.pct_of_copy_bandwidth = 100 * row.gbps / copy_gbps
+            progress(f"{shape} {dtype_name} {provider} {mode}: {timing.median_ms:.4g} ms, {row.gbps:.1f} GB/s")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows

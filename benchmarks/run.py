@@ -3,6 +3,7 @@
     python benchmarks/run.py {kernel,trainer,all} [--device cuda|cpu] [--out DIR] [--quick]
     python benchmarks/run.py kernel --compile-only [--targets sm_80,sm_90] [--quick]
     python benchmarks/run.py dryrun [--config configs/pshuman.yaml] [--sweep config] [--g-skel] [--out DIR]
+    python benchmarks/run.py step [--config configs/pshuman.yaml] [--device cuda] [--repeats N] [--tiny]
 
 kernel: the fused PoseScore op vs the eager and compiled PyTorch reference (forward, backward, full),
 plus a sweep over heatmap sizes. kernel --compile-only: every kernel variant compiled for real GPU
@@ -12,7 +13,9 @@ trainer's own step (``drpose.training.step.train_step``) under DeepSpeed at K = 
 gradient-carrying steps with activation checkpointing off / per UNet call / inside the UNet too / with
 offload, ZeRO-2 and ZeRO-3. dryrun: one training step of a config at its real size on fake tensors (no GPU,
 no weights): peak memory by category, FLOPs and a modelled step time on H100 and H200, per configuration
-(``benchmarks/dryrun.py``). Each suite writes ``<suite>_<device>.json``
+(``benchmarks/dryrun.py``). step: the same step measured on a device with random weights (peak memory
+from the CUDA allocator, step time), next to the dry run's modelled figures for the same settings
+(``benchmarks/step_suite.py``). Each suite writes ``<suite>_<device>.json``
 (rows in one schema + device facts + versions), ``<suite>_<device>.md`` and PNG plots under ``--out``
 (default ``benchmarks/results``). ``--quick`` runs a small CPU subset in about a minute.
 
@@ -46,7 +49,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["kernel", "trainer", "dryrun", "all"],
+    parser.add_argument("suite", choices=["kernel", "trainer", "dryrun", "step", "all"],
                         help="which suite to run (all: kernel and trainer)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON, Markdown and PNG results")
@@ -71,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="dryrun: 'config' adds one change at a time (checkpointing off / per call / inside the "
                              "UNet, groups per call, K)")
     parser.add_argument("--g-skel", action="store_true", help="dryrun: also g_skel training and VAE encoding")
-    parser.add_argument("--tiny", action="store_true", help="dryrun: a small model of the same structure")
+    parser.add_argument("--tiny", action="store_true", help="dryrun, step: a small model of the same structure")
     parser.add_argument("--exact", action="store_true", help="dryrun: execute every UNet call (slower)")
     parser.add_argument("--no-validate", action="store_true",
                         help="dryrun: skip the check against real CPU tensors at tiny size")
@@ -220,6 +223,21 @@ def main(argv=None) -> int:
                               measured_only=args.measured_only,
                               overrides=args.overrides, progress=progress,
                               meta_extra={"timestamp": timestamp(), "host": facts, "versions": versions()})
+    if args.suite == "step":
+        import step_suite
+
+        config = args.config or ROOT / "configs" / "pshuman.yaml"
+        repeats = args.repeats or (2 if device.type == "cuda" else 1)
+        payload = step_suite.run(config, device, repeats, args.tiny, args.overrides, progress, facts)
+        payload["meta"].update(suite="step", timestamp=timestamp(), versions=versions(),
+                               wall_s=time.perf_counter() - started)
+        stem = f"step_{config.stem}{'_tiny' if args.tiny else ''}_{slug}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
+        json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        md_path.write_text(header(f"Measured training step of {payload['meta']['config']}", facts, device, {})
+                           + step_suite.markdown(payload))
+        written += [json_path, md_path]
     if args.suite in ("kernel", "all"):
         dtypes = [d.strip() for d in (args.dtypes or "fp32,bf16").split(",") if d.strip()]
         unknown = [d for d in dtypes if d not in kernel_suite.DTYPES]

@@ -108,7 +108,7 @@ def build(config: TrainConfig, device: torch.device, preserve_pool: int = 4, see
         unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(lora_params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     engine, *_ = deepspeed.initialize(model=unet, model_parameters=lora_params, optimizer=optimizer,
-                                      config=deepspeed_config(config, 1), dist_init_required=False)
+                                      config=deepspeed_config(config, 1, dtype), dist_init_required=False)
     sampler = DDIMSampler(pipeline.scheduler, sampling.num_steps, bundle.num_views, sampling.guidance_scale,
                           sampling.checkpointing, sampling.offload_activations, sampling.groups_per_call)
     preserve = _preservation(pipeline, preserve_pool, device, dtype) if config.preserve.weight > 0 else None

@@ -198,3 +198,32 @@ def test_figures_do_not_depend_on_when_the_cycle_collector_runs(arch):
     finally:
         gc.set_threshold(*thresholds)
     assert figures[0] == figures[1]
+
+
+def test_measured_step_runs_the_same_step_and_finds_the_committed_dry_run_row(arch):
+    """benchmarks/run.py step: the dry run's step for real (warm-up + timed steps), and the lookup of the dry
+    run's row for the same settings, which the GPU comparison depends on."""
+    import step_suite
+    from drpose.training.config import load_config
+
+    config_path = ROOT / "configs" / "pshuman.yaml"
+    settings = dryrun.StepSettings.from_config(load_config(config_path))
+    committed = json.loads((ROOT / "benchmarks" / "results" / "dryrun_pshuman.json").read_text())["rows"]
+    config_row = next(r for r in committed if r["name"] == "config")
+    found = step_suite.modelled_row(config_path, "pshuman", settings)
+    assert found is not None and found["peak_memory_bytes"] == config_row["peak_memory_bytes"]
+    assert step_suite.modelled_row(config_path, "pshuman", replace(settings, num_grad_steps=3)) is None
+    assert step_suite.modelled_row(config_path, "tiny", settings) is None
+
+    measured = step_suite.measure(arch, SMALL, torch.device("cpu"), repeats=2, progress=lambda message: None)
+    assert [s["warmup"] for s in measured["steps"]] == [True, False, False]
+    assert measured["median_s"] > 0 and measured["plan"]["steps_run"] == SMALL.num_steps
+    assert measured["lora_parameters"] > 0 and measured["peak_extra_bytes"] >= 0
+
+    gpu_like = {**measured, "median_s": 2.0, "peak_allocated_bytes": 3 * 2**30}
+    modelled = {"peak_memory_bytes": 2 * 2**30, "flops": 4e12, "modelled_device_s": {"H200": 4.0}}
+    comparison = step_suite.compare(gpu_like, modelled, "H200")
+    assert comparison["peak_ratio"] == pytest.approx(1.5) and comparison["time_ratio"] == pytest.approx(0.5)
+    assert comparison["achieved_tflops"] == pytest.approx(2.0)
+    assert step_suite.device_model_key({"name": "NVIDIA H200"}) == "H200"
+    assert step_suite.device_model_key({"name": "NVIDIA A100-SXM4-80GB"}) is None

@@ -487,7 +487,7 @@ def test_yaml_and_deepspeed_json_errors_name_the_file_line_and_column(tmp_path):
     ds.write_text('{"zero_optimization": {"stage": 2,}}')
     with pytest.raises(ConfigError, match=f"run.deepspeed_config: {ds} is not valid JSON: line 1, column 35"):
         read_deepspeed_config(ds)
-    for section in ("optimizer", "scheduler", "gradient_clipping", "train_batch_size"):
+    for section in ("optimizer", "scheduler", "gradient_clipping", "train_batch_size", "torch_autocast"):
         ds.write_text(json.dumps({section: {"type": "AdamW", "params": {"lr": 1e-4}}}))
         with pytest.raises(ConfigError, match=f"{ds} has a '{section}' section; .* leave it out"):
             read_deepspeed_config(ds)
@@ -495,6 +495,56 @@ def test_yaml_and_deepspeed_json_errors_name_the_file_line_and_column(tmp_path):
     with pytest.raises(ConfigError, match="'bf16' is enabled; precision is set by run.precision"):
         read_deepspeed_config(ds)
     read_deepspeed_config(ROOT / "configs" / "ds_zero3_offload.json")
+
+
+def test_the_engine_keeps_the_steps_autocast_in_bf16(monkeypatch):
+    """DeepSpeed's engine switches an autocast that is active around its forward off inside it unless its own
+    ``torch_autocast`` is enabled; it asks ``torch.is_autocast_enabled()``, which reads CUDA's state. Here
+    that question reads the CPU's state, as it reads CUDA's on a GPU, so the step's autocast is seen as a GPU
+    run's would be. With the trainer's DeepSpeed config the gradient-carrying calls through the engine keep
+    bf16 autocast (without it they ran in plain bf16 on GPUs), no parameter is marked for bf16 gradient
+    communication, and fp32 runs get no autocast section."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from drpose.training.trainer import deepspeed_config
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return self.linear(x)
+
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    assert "torch_autocast" not in deepspeed_config(config, 1, torch.float32)
+    ds = deepspeed_config(config, 1, torch.bfloat16)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    started_here = not dist.is_initialized()
+    if started_here:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    try:
+        probe = Probe()
+        engine, *_ = deepspeed.initialize(model=probe, model_parameters=list(probe.parameters()),
+                                          optimizer=torch.optim.AdamW(probe.parameters(), lr=1e-3), config=ds,
+                                          dist_init_required=False)
+        real = torch.is_autocast_enabled
+        monkeypatch.setattr(torch, "is_autocast_enabled",
+                            lambda *args, **kwargs: real(*args, **kwargs) if args or kwargs else real("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            engine(torch.randn(2, 4))
+        assert probe.seen == [(True, torch.bfloat16)]
+        assert not any(hasattr(p, "comm_dtype") for p in probe.parameters())
+    finally:
+        if started_here:
+            dist.destroy_process_group()
 
 
 def test_paths_are_relative_to_the_config_file_and_the_command_line_to_the_working_folder(tmp_path, monkeypatch):

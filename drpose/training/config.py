@@ -392,6 +392,7 @@ DEEPSPEED_OWNED = {
     "train_micro_batch_size_per_gpu": "set by data.batch_size",
     "gradient_accumulation_steps": "set by data.grad_accum",
     "gradient_clipping": "set by optim.max_grad_norm",
+    "torch_autocast": "set from run.precision (the engine keeps the step's autocast in the run dtype)",
 }
 """Sections of a DeepSpeed JSON that the trainer sets itself; a JSON that holds them is refused."""
 

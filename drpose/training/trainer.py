@@ -121,7 +121,16 @@ def load_bundle(config: TrainConfig, device: torch.device, dtype: torch.dtype) -
         raise ConfigError(f"model: {error}") from error
 
 
-def deepspeed_config(config: TrainConfig, world_size: int) -> dict:
+def deepspeed_config(config: TrainConfig, world_size: int, dtype: torch.dtype = torch.float32) -> dict:
+    """The DeepSpeed JSON of the run, with the settings the trainer owns.
+
+    ``torch_autocast``: the step runs under ``torch.autocast`` in the run dtype (``StepModel.autocast``), and
+    the UNet's gradient-carrying calls go through the engine. DeepSpeed's engine switches a CUDA autocast
+    that is active around its forward *off* inside it unless its own ``torch_autocast`` is enabled, so
+    without this section every gradient-carrying UNet call on a GPU would run in plain bf16 (normalisation
+    and softmax included) while the frozen calls ran under autocast. Enabled with the run's dtype, the
+    engine keeps the same autocast; ``lower_precision_safe_modules: []`` marks no parameter for reduced-
+    precision communication, so the LoRA gradients are reduced in fp32 as before."""
     ds = read_deepspeed_config(config.run.deepspeed_config)
     ds.update(
         train_micro_batch_size_per_gpu=config.data.batch_size,
@@ -129,6 +138,9 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict:
         train_batch_size=config.data.batch_size * config.data.grad_accum * world_size,
         gradient_clipping=config.optim.max_grad_norm,
     )
+    if dtype != torch.float32:
+        ds["torch_autocast"] = {"enabled": True, "dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
+                                "lower_precision_safe_modules": []}
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -294,7 +306,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=unet, model_parameters=lora_params, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config, ctx.world_size), dist_init_required=False,
+        config=deepspeed_config(config, ctx.world_size, dtype), dist_init_required=False,
     )
 
     start_step, last_checkpoint = 0, None
