@@ -100,9 +100,7 @@ def measure(arch: dryrun.Architecture, settings: dryrun.StepSettings, device: to
 
     steps = []
     for index in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        baseline = reset_peak(device)
+        baseline = reset_peak(device)  # on CUDA: synchronises and resets the allocator's peak statistics
         t0 = time.perf_counter()
         one_step()
         seconds = time.perf_counter() - t0

@@ -139,7 +139,7 @@ def deepspeed_config(config: TrainConfig, world_size: int, dtype: torch.dtype = 
         gradient_clipping=config.optim.max_grad_norm,
     )
     if dtype != torch.float32:
-        ds["torch_autocast"] = {"enabled": True, "dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
+        ds["torch_autocast"] = {"enabled": True, "dtype": str(dtype).removeprefix("torch."),
                                 "lower_precision_safe_modules": []}
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
