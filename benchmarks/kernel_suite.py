@@ -5,7 +5,9 @@ gradient, graph kept) and full (forward + backward), and reports the median time
 over the op's byte floor (forward reads the logits once; backward reads them and writes their
 gradient), that figure as a share of the device's measured copy bandwidth, and the peak extra memory.
 The fused op is timed without its value checks (``validate=False``); the "fused+checks" provider adds
-them (one host sync) so their cost is visible.
+them (one host sync) so their cost is visible. On CUDA the "fused@graph" and "reference_compiled@graph"
+providers replay the same call captured once in a CUDA graph: the device's own time, without Python, autograd
+bookkeeping and launch overhead, so the gap between a provider and its ``@graph`` row is host cost.
 """
 
 from __future__ import annotations
@@ -83,6 +85,24 @@ def mode_call(mode: str, divergence, logits: torch.Tensor, upstream: torch.Tenso
     return lambda: torch.autograd.grad(divergence(x), x, upstream)
 
 
+GRAPHED = ("fused", "reference_compiled")  # providers also timed as a captured CUDA graph on CUDA
+
+
+def graphed(call, device: torch.device):
+    """``call`` captured once in a CUDA graph; returns the replay. Warm-up runs on a side stream first (as
+    capture requires), so lazy allocations, autotuning and compilation happen outside the graph."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
 def byte_floor(mode: str, logits: torch.Tensor) -> int:
     per_pass = logits.numel() * logits.element_size()
     return {"forward": 1, "backward": 2, "full": 3}[mode] * per_pass
@@ -96,7 +116,12 @@ def measure_case(settings: Settings, shape, dtype_name: str, modes, with_compile
     params = dict(zip("NCHW", shape), sweep=not with_compile)
     name = f"N{shape[0]}_C{shape[1]}_{shape[2]}x{shape[3]}" + ("" if with_compile else "_sweep")
     rows = []
+    cases = []
     for provider, divergence in providers(settings, segments, with_compile).items():
+        cases.append((provider, divergence, False))
+        if device.type == "cuda" and provider in GRAPHED and not isinstance(divergence, str):
+            cases.append((provider + "@graph", divergence, True))
+    for provider, divergence, as_graph in cases:
         for mode in modes:
             progress(f"{shape} {dtype_name} {provider} {mode}")
             row = Row(suite="kernel", name=name, provider=provider, mode=mode, dtype=dtype_name, params=params,
@@ -107,6 +132,12 @@ def measure_case(settings: Settings, shape, dtype_name: str, modes, with_compile
                 continue
             try:
                 call = mode_call(mode, divergence, logits, upstream)
+                if as_graph:
+                    try:
+                        call = graphed(call, device)
+                    except RuntimeError as error:  # a capture that fails is reported, not fatal to the suite
+                        row.error = f"CUDA graph capture failed: {error}".splitlines()[0]
+                        continue
                 timing = time_fn(call, device, warmup=settings.warmup, repeats=settings.repeats)
                 row.peak_memory_bytes, row.peak_memory_kind = peak_memory(call, device)
             except torch.OutOfMemoryError as error:
@@ -140,13 +171,16 @@ def run(settings: Settings, progress) -> tuple[list[Row], dict]:
 
 
 def add_speedups(rows: list[Row]) -> None:
-    """Each row's speed-up over the eager and the compiled reference at the same shape, dtype and mode."""
+    """Each row's speed-up over the eager and the compiled reference at the same shape, dtype and mode. A
+    CUDA-graph row (``@graph``) is set against the compiled reference's graph replay: device time against
+    device time."""
     index = {(r.name, r.dtype, r.mode, r.provider): r for r in rows if r.median_ms}
     for row in rows:
         if not row.median_ms:
             continue
+        suffix = "@graph" if row.provider.endswith("@graph") else ""
         for baseline in ("reference", "reference_compiled"):
-            other = index.get((row.name, row.dtype, row.mode, baseline))
+            other = index.get((row.name, row.dtype, row.mode, baseline + (suffix if baseline != "reference" else "")))
             if other is not None and other is not row:
                 row.extra[f"speedup_vs_{baseline}"] = other.median_ms / row.median_ms
 

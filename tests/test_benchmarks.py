@@ -75,3 +75,48 @@ def test_quick_trainer_benchmark_measures_the_trainers_step_and_memory(tmp_path)
     assert (tmp_path / "trainer_cpu_quick.md").exists() and (tmp_path / "trainer_cpu_quick_growth.png").exists()
     markdown = (tmp_path / "trainer_cpu_quick.md").read_text()
     assert "checkpointing call: peak memory at K=2 is" in markdown and "adapters: rank" in markdown
+
+
+def _suite():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_suite
+
+    return kernel_suite
+
+
+def test_graph_rows_are_set_against_the_compiled_graph_and_the_eager_reference():
+    suite = _suite()
+    from common import Row
+
+    def row(provider, ms):
+        return Row(suite="kernel", name="s", provider=provider, mode="full", dtype="bf16", params={}, bytes=1,
+                   median_ms=ms)
+
+    rows = [row("reference", 8.0), row("reference_compiled", 4.0), row("fused", 2.0),
+            row("reference_compiled@graph", 1.0), row("fused@graph", 0.25)]
+    suite.add_speedups(rows)
+    by = {r.provider: r.extra for r in rows}
+    assert by["fused"] == {"speedup_vs_reference": 4.0, "speedup_vs_reference_compiled": 2.0}
+    assert by["fused@graph"] == {"speedup_vs_reference": 32.0, "speedup_vs_reference_compiled": 4.0}
+    assert by["reference_compiled@graph"] == {"speedup_vs_reference": 8.0}
+
+
+@pytest.mark.gpu
+def test_graph_replay_recomputes_the_fused_gradient_in_place():
+    suite = _suite()
+    import torch
+
+    device = torch.device("cuda")
+    logits, segments, upstream = suite.make_inputs((4, 23, 32, 32), torch.bfloat16, device)
+    settings = suite.Settings(device=device, shapes=[], dtypes=["bf16"], compile=False, warmup=1, repeats=3,
+                              size_sweep=[])
+    fused = suite.providers(settings, segments, with_compile=False)["fused"]
+    call = suite.mode_call("full", fused, logits, upstream)
+    expected = call()[0].clone()
+    results = []
+    replay = suite.graphed(lambda: results.append(call()) or results[-1], device)
+    output = results[-1][0]  # the captured call's output buffer, rewritten by every replay
+    output.zero_()
+    replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(output, expected)
