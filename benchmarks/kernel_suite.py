@@ -178,9 +178,9 @@ def add_speedups(rows: list[Row]) -> None:
     for row in rows:
         if not row.median_ms:
             continue
-        suffix = "@graph" if row.provider.endswith("@graph") else ""
-        for baseline in ("reference", "reference_compiled"):
-            other = index.get((row.name, row.dtype, row.mode, baseline + (suffix if baseline != "reference" else "")))
+        compiled = "reference_compiled@graph" if row.provider.endswith("@graph") else "reference_compiled"
+        for baseline, provider in (("reference", "reference"), ("reference_compiled", compiled)):
+            other = index.get((row.name, row.dtype, row.mode, provider))
             if other is not None and other is not row:
                 row.extra[f"speedup_vs_{baseline}"] = other.median_ms / row.median_ms
 
