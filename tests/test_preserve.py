@@ -55,6 +55,22 @@ def test_draws_depend_only_on_seed_step_and_position(pool):
     assert not torch.equal(pool.draw(0, 4, [4, 5])[1], together[1]), "each step draws fresh noise"
 
 
+def test_timesteps_are_drawn_below_the_limit_and_from_the_whole_range_without_one(pool):
+    positions = list(range(64))
+    try:
+        full = pool.draw(0, 2, positions)[2].view(2, 64, -1)[0, :, 0]
+        assert full.max() >= 500 and full.min() < 500  # uniform over the 1000 training timesteps
+        limited = pool.limit_timesteps(400).draw(0, 2, positions)[2]
+        assert limited.max() < 400 and limited.min() >= 0 and len(limited.unique()) > 20
+        same = pool.limit_timesteps(None).draw(0, 2, positions)
+        assert torch.equal(same[2].view(2, 64, -1)[0, :, 0], full)  # no limit: the draws of a pool never limited
+        for bad in (0, 1001):
+            with pytest.raises(ConfigError, match="preserve.max_timestep must be in 1..1000"):
+                pool.limit_timesteps(bad)
+    finally:
+        pool.limit_timesteps(None)
+
+
 def test_draw_pairs_a_sample_with_its_own_conditioning(pool):
     x0, noise, timesteps, cond = pool.draw(0, 0, [0, 1, 2])
     views = pool.latents.shape[2]
@@ -112,6 +128,7 @@ def test_a_pool_rendered_for_another_model_is_refused_by_name(bundle, tmp_path):
     ("preserve.distribution=hard", "hard is held out"),
     ("preserve.num=0", "preserve.num must be >= 1"),
     ("preserve.wieght=1", "did you mean 'preserve.weight'"),
+    ("preserve.max_timestep=0", "preserve.max_timestep must be >= 1 or null"),
 ])
 def test_bad_preservation_settings_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message):

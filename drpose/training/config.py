@@ -102,6 +102,7 @@ class PreserveConfig:
     distribution: str | None = "narrow"  # when set and ``path`` is missing, rank 0 synthesizes it ("hard" is held out)
     num: int = 256  # pool size (synthesized)
     seed: int = 500
+    max_timestep: int | None = None  # draw the noise level from [0, max_timestep) (None: every training timestep)
     cache: bool = True  # keep the pool's encoded latents in <path>/encoded/ for later runs (drpose/training/preserve.py)
 
 
@@ -371,6 +372,8 @@ def validate(config: TrainConfig) -> None:
          f"data.synthesize_fps_pool must be >= data.synthesize_num ({config.data.synthesize_num}) or null, "
          f"got {config.data.synthesize_fps_pool}"),
         (config.preserve.num >= 1, f"preserve.num must be >= 1, got {config.preserve.num}"),
+        (config.preserve.max_timestep is None or config.preserve.max_timestep >= 1,
+         f"preserve.max_timestep must be >= 1 or null, got {config.preserve.max_timestep}"),
         (config.data.synthesize_breaking_share is None
          or (isinstance(config.data.synthesize_breaking_share, (int, float))
              and not isinstance(config.data.synthesize_breaking_share, bool)

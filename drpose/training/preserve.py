@@ -103,6 +103,16 @@ class PreservationSet:
         self.latents = latents
         self.cond = cond
         self.num_train_timesteps = num_train_timesteps
+        self.max_timestep = num_train_timesteps  # timesteps are drawn from [0, max_timestep)
+
+    def limit_timesteps(self, max_timestep: int | None) -> "PreservationSet":
+        """Draw timesteps from [0, ``max_timestep``) only (``None``: every training timestep)."""
+        limit = self.num_train_timesteps if max_timestep is None else int(max_timestep)
+        if not 1 <= limit <= self.num_train_timesteps:
+            raise ConfigError(f"preserve.max_timestep must be in 1..{self.num_train_timesteps} (the scheduler's "
+                              f"training timesteps) or null, got {max_timestep}")
+        self.max_timestep = limit
+        return self
 
     @classmethod
     @torch.no_grad()
@@ -163,7 +173,7 @@ class PreservationSet:
         for position in positions:
             generator = seeded_generator(seed, step, PRESERVE_STREAM, position)
             indices.append(int(torch.randint(len(self), (1,), generator=generator)))
-            timesteps.append(int(torch.randint(self.num_train_timesteps, (1,), generator=generator)))
+            timesteps.append(int(torch.randint(self.max_timestep, (1,), generator=generator)))
             noises.append(torch.randn((2, views, *self.latents.shape[3:]), generator=generator))
         samples = self.latents[indices]  # (B, 2, V, ...)
         x0 = grid_to_rows(samples.transpose(0, 1))
