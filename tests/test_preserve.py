@@ -57,18 +57,19 @@ def test_draws_depend_only_on_seed_step_and_position(pool):
 
 def test_timesteps_are_drawn_below_the_limit_and_from_the_whole_range_without_one(pool):
     positions = list(range(64))
-    try:
-        full = pool.draw(0, 2, positions)[2].view(2, 64, -1)[0, :, 0]
-        assert full.max() >= 500 and full.min() < 500  # uniform over the 1000 training timesteps
-        limited = pool.limit_timesteps(400).draw(0, 2, positions)[2]
-        assert limited.max() < 400 and limited.min() >= 0 and len(limited.unique()) > 20
-        same = pool.limit_timesteps(None).draw(0, 2, positions)
-        assert torch.equal(same[2].view(2, 64, -1)[0, :, 0], full)  # no limit: the draws of a pool never limited
-        for bad in (0, 1001):
-            with pytest.raises(ConfigError, match="preserve.max_timestep must be in 1..1000"):
-                pool.limit_timesteps(bad)
-    finally:
-        pool.limit_timesteps(None)
+
+    def limited_to(max_timestep):
+        return PreservationSet(pool.latents, pool.cond, pool.num_train_timesteps, max_timestep)
+
+    full = pool.draw(0, 2, positions)[2].view(2, 64, -1)[0, :, 0]
+    assert full.max() >= 500 and full.min() < 500  # uniform over the 1000 training timesteps
+    limited = limited_to(400).draw(0, 2, positions)[2]
+    assert limited.max() < 400 and limited.min() >= 0 and len(limited.unique()) > 20
+    same = limited_to(None).draw(0, 2, positions)
+    assert torch.equal(same[2].view(2, 64, -1)[0, :, 0], full)  # no limit: the draws of a pool never limited
+    for bad in (0, 1001):
+        with pytest.raises(ConfigError, match="preserve.max_timestep must be in 1..1000"):
+            limited_to(bad)
 
 
 def test_draw_pairs_a_sample_with_its_own_conditioning(pool):

@@ -95,7 +95,8 @@ def _write_cached(path: Path, latents: torch.Tensor) -> None:
 class PreservationSet:
     """Multi-view latents (N, 2, V, c, h, w) of pretraining-distribution poses, with their conditioning."""
 
-    def __init__(self, latents: torch.Tensor, cond: Conditioning, num_train_timesteps: int):
+    def __init__(self, latents: torch.Tensor, cond: Conditioning, num_train_timesteps: int,
+                 max_timestep: int | None = None):
         if latents.ndim != 6 or latents.shape[0] < 1 or latents.shape[1] != 2:
             raise ValueError(f"latents: expected (N >= 1, 2, V, c, h, w), got {tuple(latents.shape)}")
         if len(cond) != latents.shape[0]:
@@ -103,21 +104,17 @@ class PreservationSet:
         self.latents = latents
         self.cond = cond
         self.num_train_timesteps = num_train_timesteps
-        self.max_timestep = num_train_timesteps  # timesteps are drawn from [0, max_timestep)
-
-    def limit_timesteps(self, max_timestep: int | None) -> "PreservationSet":
-        """Draw timesteps from [0, ``max_timestep``) only (``None``: every training timestep)."""
-        limit = self.num_train_timesteps if max_timestep is None else int(max_timestep)
-        if not 1 <= limit <= self.num_train_timesteps:
-            raise ConfigError(f"preserve.max_timestep must be in 1..{self.num_train_timesteps} (the scheduler's "
+        # timesteps are drawn from [0, max_timestep); None: every training timestep
+        self.max_timestep = num_train_timesteps if max_timestep is None else int(max_timestep)
+        if not 1 <= self.max_timestep <= num_train_timesteps:
+            raise ConfigError(f"preserve.max_timestep must be in 1..{num_train_timesteps} (the scheduler's "
                               f"training timesteps) or null, got {max_timestep}")
-        self.max_timestep = limit
-        return self
 
     @classmethod
     @torch.no_grad()
     def from_folder(cls, folder: str | Path, pipeline: MultiViewPipeline, rig: ViewRig, seed: int,
-                    device: torch.device, dtype: torch.dtype, chunk: int = 64, cache: bool = True) -> "PreservationSet":
+                    device: torch.device, dtype: torch.dtype, chunk: int = 64, cache: bool = True,
+                    max_timestep: int | None = None) -> "PreservationSet":
         """Read a dataset folder with renders, turn them into the model's views and encode them with
         ``pipeline`` (its VAE; the conditioning from each record's image, unCLIP noise seeded by ``seed``).
         With ``cache``, latents encoded by an earlier run with the same key are read instead (module docstring)."""
@@ -158,7 +155,7 @@ class PreservationSet:
                 _write_cached(cache_path, encoded)
         else:
             encoded = cached.to(device)
-        return cls(encoded, Conditioning.cat(conds), pipeline.scheduler.config.num_train_timesteps)
+        return cls(encoded, Conditioning.cat(conds), pipeline.scheduler.config.num_train_timesteps, max_timestep)
 
     def __len__(self) -> int:
         return self.latents.shape[0]

@@ -222,9 +222,8 @@ def prepare_preservation(config: TrainConfig, bundle: ModelBundle, ctx: Distribu
     dataset_path = Path(settings.path)
     _synthesized_folder(dataset_path, "preserve", settings.distribution, settings.num, settings.seed, None,
                         bundle.image_size, ctx)
-    pool = PreservationSet.from_folder(dataset_path, bundle.pipeline, bundle.rig, settings.seed, ctx.device, dtype,
-                                       cache=settings.cache)
-    return pool.limit_timesteps(settings.max_timestep)
+    return PreservationSet.from_folder(dataset_path, bundle.pipeline, bundle.rig, settings.seed, ctx.device, dtype,
+                                       cache=settings.cache, max_timestep=settings.max_timestep)
 
 
 def claim_output(config: TrainConfig, ctx: DistributedContext, resume: str | None,
