@@ -221,6 +221,7 @@ class StepSettings:
     grad_accum: int = 2
     max_steps: int = 18000
     early_stop_max: int = 8  # m
+    ema: bool = False  # optim.ema_decay set: an fp32 moving average of the LoRA weights beside them
 
     @classmethod
     def from_config(cls, config) -> "StepSettings":
@@ -233,7 +234,7 @@ class StepSettings:
                    lora_targets=tuple(lora.target_modules), kl_weight=config.reward.kl_weight,
                    sigma=config.reward.sigma or 1.0, lr=config.optim.lr, dtype=dtype,
                    grad_accum=config.data.grad_accum, max_steps=config.run.max_steps,
-                   early_stop_max=s.early_stop_max)
+                   early_stop_max=s.early_stop_max, ema=config.optim.ema_decay is not None)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -950,7 +951,9 @@ def zero_per_rank(figures: dict, ds_config: dict, world_size: int) -> dict:
       reduction bucket (``reduce_bucket_size`` fp32 elements, two with ``overlap_comm``);
     * stage 3 also splits the UNet's weights (frozen ones included) and the LoRA weights 1/N per rank and
       gathers a layer's worth at a time (modelled as ``stage3_prefetch_bucket_size`` bf16 elements; none on
-      the GPU with ``offload_param``); the VAE, image encoder and g_skel stay whole.
+      the GPU with ``offload_param``); the VAE, image encoder and g_skel stay whole;
+    * with ``optim.ema_decay`` the adapters' fp32 moving average: whole below stage 3, 1/N per rank at stage 3
+      (each rank averages its partition).
     """
     zero = ds_config.get("zero_optimization", {})
     stage, n = int(zero.get("stage", 0)), world_size
@@ -976,6 +979,8 @@ def zero_per_rank(figures: dict, ds_config: dict, world_size: int) -> dict:
             parts["unet_partition"] = 0 if offload_param else (unet + lora) // n
             parts["gathered_layers"] = int(zero.get("stage3_prefetch_bucket_size", 5e7)) * 2
             host += (unet + lora) // n if offload_param else 0
+    if figures.get("settings", {}).get("ema"):
+        parts["adapter_average"] = lora // n if stage == 3 else lora
     total = device + sum(parts.values())
     return {"stage": stage, "world_size": n, "peak_memory_bytes": total, "peak_memory_gb": total / GIB,
             "parts_bytes": parts, "host_bytes": host}

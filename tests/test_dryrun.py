@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import dryrun  # noqa: E402
+from drpose.training.config import load_config  # noqa: E402
 
 # The smallest step that has every part: conditioning, sampling with one gradient-carrying step and two
 # steps without (the second repeats the first's shapes, so the dry run charges it without running it), the
@@ -140,6 +141,11 @@ def test_zero_model_splits_optimizer_state_and_gradients_over_ranks():
     assert offload["host_bytes"] == 3 * lora and offload["parts_bytes"]["optimizer_state_and_master"] == 0
     stage3 = dryrun.zero_per_rank(figures, {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 0}}, 4)
     assert stage3["parts_bytes"]["unet_partition"] == (2 * 2**30 + lora) // 4
+    averaged = {**figures, "settings": {"ema": True}}
+    assert dryrun.zero_per_rank(averaged, stage2, 8)["peak_memory_bytes"] - eight["peak_memory_bytes"] == lora
+    stage3_ema = dryrun.zero_per_rank(averaged, {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 0}}, 4)
+    assert stage3_ema["parts_bytes"]["adapter_average"] == lora // 4
+    assert dryrun.StepSettings.from_config(load_config(ROOT / "configs" / "pshuman.yaml", ["optim.ema_decay=0.999"])).ema
 
 
 def test_cli_writes_a_labelled_dry_run_at_tiny_size(tmp_path):

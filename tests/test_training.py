@@ -125,6 +125,76 @@ def test_exported_lora_reproduces_the_checkpoint_with_diffusers_loader(reference
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's adapters, or an exported LoRA's, under one naming (the exported one without ``unet.``,
+    the checkpoint's without peft's adapter name)."""
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        return {k.removeprefix("unet."): v for k, v in load_file(folder / "pytorch_lora_weights.safetensors").items()}
+    state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k.replace(".default", ""): v for k, v in state.items() if "lora_" in k}
+
+
+@pytest.fixture(scope="module")
+def ema_run(fixture, tmp_path_factory) -> Path:
+    """``reference_run``'s settings with ``optim.ema_decay=0.2`` and every checkpoint kept."""
+    out = tmp_path_factory.mktemp("ema") / "run"
+    check(train(fixture, out, "optim.ema_decay=0.2", "run.keep_checkpoints=3"))
+    return out
+
+
+def test_ema_exports_the_average_of_the_steps_weights_and_leaves_training_as_it_was(ema_run, reference_run):
+    """lora_last/ is the run without the average, bit for bit; lora/ is the average of the weights after steps
+    1-3 (read from the checkpoints), by an independent float64 recurrence: w1, then decay min(0.2, s/(s+9))."""
+    assert curve(ema_run) == curve(reference_run)
+    last, plain = adapter_weights(ema_run / "lora_last"), adapter_weights(reference_run / "lora")
+    assert last.keys() == plain.keys() and all(torch.equal(last[k], plain[k]) for k in plain)
+    steps = [adapter_weights(ema_run / "checkpoints" / f"checkpoint-{s}") for s in (1, 2, 3)]
+    assert steps[0].keys() == plain.keys()
+    average = adapter_weights(ema_run / "lora")
+    moved = 0
+    for key in plain:
+        expected = steps[0][key].double()
+        for s in (2, 3):
+            decay = min(0.2, s / (s + 9))
+            expected = decay * expected + (1 - decay) * steps[s - 1][key].double()
+        torch.testing.assert_close(average[key].double(), expected, rtol=1e-6, atol=1e-7)
+        moved += not torch.equal(average[key], last[key])
+    assert moved > len(plain) // 4, "the average differs from the last step's weights"
+    summary = json.loads((ema_run / "summary.json").read_text())
+    assert summary["lora_last"] == str(ema_run / "lora_last" / "pytorch_lora_weights.safetensors")
+    info = checkpoints.read_info(ema_run / "checkpoints" / "checkpoint-2")
+    assert info["files"]["ema.pt"] > 0, "the average is a recorded, checked file of the checkpoint"
+
+
+def test_a_resumed_ema_run_continues_the_average_bit_identical(ema_run, reference_run, fixture, tmp_path):
+    out = copy_run(ema_run, tmp_path)
+    result = train(fixture, out, "--resume", "2", "optim.ema_decay=0.2", "run.keep_checkpoints=3")
+    check(result)
+    assert "holds no average" not in result.stdout and "the adapters' average (optim.ema_decay)" in result.stdout
+    assert kill_resume.lora(out) == kill_resume.lora(ema_run) and curve(out) == curve(ema_run)
+    # a run without the average, resumed with one: it starts from the checkpoint's weights (said so)
+    plain = copy_run(reference_run, tmp_path / "plain")
+    result = train(fixture, plain, "--resume", "2", "optim.ema_decay=0.5")
+    check(result)
+    assert "holds no average of the adapters" in result.stdout
+    w2 = adapter_weights(ema_run / "checkpoints" / "checkpoint-2")
+    w3 = adapter_weights(ema_run / "checkpoints" / "checkpoint-3")
+    average = adapter_weights(plain / "lora")
+    for key, value in average.items():
+        expected = 3 / 12 * w2[key].double() + 9 / 12 * w3[key].double()
+        torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_zero3_averages_each_ranks_partition_to_the_same_adapters(ema_run, fixture, tmp_path):
+    out = tmp_path / "zero3"
+    check(train(fixture, out, "optim.ema_decay=0.2", f"run.deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}"))
+    assert (out / "checkpoints" / "checkpoint-3" / "ema_rank0.pt").is_file()
+    average, expected = adapter_weights(out / "lora"), adapter_weights(ema_run / "lora")
+    assert average.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(average[key], value, rtol=1e-5, atol=1e-6)
+
+
 def test_evaluate_reads_the_run(reference_run, fixture, tmp_path):
     data = fixture.parent.parent / "data"
     result = subprocess.run([sys.executable, "-m", "drpose.evaluate", "--checkpoint", str(reference_run), "--data",
@@ -465,6 +535,7 @@ def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint(referen
     ("optim.warmup_steps=-3", "optim.warmup_steps must be >= 0"),
     ("optim.schedule=linear", r"optim.schedule must be one of \('constant', 'cosine'\), got 'linear'"),
     ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio must be in \[0, 1\], got 1.5"),
+    ("optim.ema_decay=1", r"optim.ema_decay must be in \(0, 1\) or null, got 1"),
     ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
     ("data.synthesize_distribution=wide", "data.synthesize_distribution must be one of"),
     ("data.synthesize_breaking_share=1.5", r"data.synthesize_breaking_share must be in \[0, 1\] or null, got 1.5"),

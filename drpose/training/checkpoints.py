@@ -131,8 +131,10 @@ def rotate(root: Path, keep: int) -> None:
 
 
 def save(engine, config: TrainConfig, step: int, client_state: dict, weights_finite: bool, is_main: bool,
-         barrier) -> Path:
-    """Save checkpoint ``step`` atomically (call on every rank), then update ``latest`` and rotate."""
+         barrier, write_more=None) -> Path:
+    """Save checkpoint ``step`` atomically (call on every rank), then update ``latest`` and rotate.
+    ``write_more(folder)``, called on every rank, adds the trainer's own files (e.g. the adapters' average);
+    they are recorded and checked like DeepSpeed's."""
     root = checkpoint_root(config)
     tag = f"{PREFIX}{step}"
     temp, final = root / f"{SAVING}{tag}", root / tag
@@ -142,6 +144,9 @@ def save(engine, config: TrainConfig, step: int, client_state: dict, weights_fin
     barrier()
     engine.save_checkpoint(str(root), tag=temp.name, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)  # ends with a barrier: every rank's files are written
+    if write_more is not None:
+        write_more(temp)
+        barrier()
     if is_main:
         (temp / "config.yaml").write_text(resolved_yaml(config))
         files = {p.name: p.stat().st_size for p in sorted(temp.iterdir()) if p.is_file()}

@@ -117,6 +117,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "constant"  # after the warm-up: constant | cosine (to min_lr_ratio * lr at run.max_steps)
     min_lr_ratio: float = 0.0  # the cosine schedule's last learning rate, as a fraction of optim.lr
+    ema_decay: float | None = None  # exponential moving average of the adapters, exported as lora/ (null: off)
 
 
 @dataclass
@@ -341,6 +342,8 @@ def validate(config: TrainConfig) -> None:
         (optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0 (0: no warm-up), got {optim.warmup_steps}"),
         (optim.schedule in LR_SCHEDULES, f"optim.schedule must be one of {LR_SCHEDULES}, got {optim.schedule!r}"),
         (0 <= optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}"),
+        (optim.ema_decay is None or 0 < optim.ema_decay < 1,
+         f"optim.ema_decay must be in (0, 1) or null, got {optim.ema_decay}"),
         (lora.alpha > 0, f"lora.alpha must be > 0 (the adapters' scale is alpha / rank), got {lora.alpha}"),
         (0 <= lora.dropout < 1, f"lora.dropout must be in [0, 1), got {lora.dropout}"),
         (len(lora.target_modules) >= 1, "lora.target_modules must name at least one module"),

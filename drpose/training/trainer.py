@@ -34,6 +34,7 @@ from drpose.reward import PoseReward
 from . import checkpoints, run_folder
 from .config import ConfigError, TrainConfig, check_files, read_deepspeed_config, resolved_yaml
 from .data import BatchLayout, SampleStream, collate, sample_noise, seeded_generator
+from .ema import AdapterEMA
 from .lora import add_lora, export_lora
 from .metrics_log import MetricsLog
 from .preserve import PreservationSet
@@ -265,7 +266,9 @@ def describe_resume(folder: Path, step: int, config: TrainConfig, changes: dict)
     """What a resumed run takes from the checkpoint and what from the config."""
     changed = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()]
     return (f"[drpose] resumed from {folder} at step {step} of {config.run.max_steps}\n"
-            f"[drpose]   from the checkpoint: the LoRA weights, the optimizer moments and the step (data order, noise "
+            f"[drpose]   from the checkpoint: the LoRA weights, the optimizer moments"
+            + (", the adapters' average (optim.ema_decay)" if config.optim.ema_decay is not None else "")
+            + f" and the step (data order, noise "
             f"and plans follow from run.seed and the step)\n"
             f"[drpose]   from the config: every setting, learning rate, warm-up, weight decay and run.max_steps "
             f"included; " + (f"changed since the checkpoint, applied from step {step + 1}: {'; '.join(changed)}"
@@ -322,6 +325,12 @@ def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | Non
             print(describe_resume(resume_from, start_step, config, changes), flush=True)
     # the checkpoint of the weights the next step starts from, until that step's loss is known to be finite
     pending = last_checkpoint
+    ema = None
+    if optim.ema_decay is not None:
+        ema = AdapterEMA(lora_params, optim.ema_decay)
+        if resume_from is not None and not ema.load(resume_from, ctx.rank) and ctx.is_main:
+            print(f"[drpose] {resume_from} holds no average of the adapters (its run had no optim.ema_decay): "
+                  f"the average starts from its weights", flush=True)
 
     output_dir = Path(config.run.output_dir)
     log = MetricsLog(output_dir, ctx.is_main, start_step)
@@ -373,6 +382,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | Non
             result = train_step(step_model, batch, plan, backward=engine.backward, guard=stop_if_not_finite)
             engine.step()
             totals = [a + b for a, b in zip(totals, result.scalars())]
+        if ema is not None:
+            ema.update(step + 1)
         if pending is not None:  # this step's loss, from the weights of ``pending``, was finite
             if ctx.is_main and checkpoints.read_info(pending)["step"] == step:
                 checkpoints.record_next_loss(pending, True)
@@ -394,16 +405,24 @@ def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | Non
         if (step + 1) % config.run.checkpoint_every == 0 or step + 1 == config.run.max_steps:
             finite = weights_finite()
             last_checkpoint = checkpoints.save(engine, config, step + 1, {"step": step + 1}, finite, ctx.is_main,
-                                               ctx.barrier)
+                                               ctx.barrier, (lambda folder: ema.save(folder, ctx.rank)) if ema else
+                                               None)
             pending = last_checkpoint
             if not finite:
                 raise TrainingStopped(f"the weights after step {step + 1} are not finite (saved, marked so, in "
                                       f"{last_checkpoint}). {last_good_advice()}")
 
-    lora_path = export_lora(unet, output_dir / "lora", is_main_process=ctx.is_main)
+    last_path = None
+    if ema is not None:  # lora/: the average (what evaluation and generation read); lora_last/: the last step's
+        last_path = export_lora(unet, output_dir / "lora_last", is_main_process=ctx.is_main)
+        with ema.applied():
+            lora_path = export_lora(unet, output_dir / "lora", is_main_process=ctx.is_main)
+    else:
+        lora_path = export_lora(unet, output_dir / "lora", is_main_process=ctx.is_main)
     log.close()
     summary = {"steps": config.run.max_steps, "resumed_from_step": start_step, "world_size": ctx.world_size,
                "wall_s": time.perf_counter() - started, "lora": str(lora_path),
+               **({"lora_last": str(last_path)} if last_path is not None else {}),
                "last_checkpoint": str(last_checkpoint) if last_checkpoint else None}
     if ctx.is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
