@@ -953,7 +953,7 @@ def zero_per_rank(figures: dict, ds_config: dict, world_size: int) -> dict:
       gathers a layer's worth at a time (modelled as ``stage3_prefetch_bucket_size`` bf16 elements; none on
       the GPU with ``offload_param``); the VAE, image encoder and g_skel stay whole;
     * with ``optim.ema_decay`` the adapters' fp32 moving average: whole below stage 3, 1/N per rank at stage 3
-      (each rank averages its partition).
+      (each rank averages its partition, on the host with ``offload_param``).
     """
     zero = ds_config.get("zero_optimization", {})
     stage, n = int(zero.get("stage", 0)), world_size
@@ -979,8 +979,10 @@ def zero_per_rank(figures: dict, ds_config: dict, world_size: int) -> dict:
             parts["unet_partition"] = 0 if offload_param else (unet + lora) // n
             parts["gathered_layers"] = int(zero.get("stage3_prefetch_bucket_size", 5e7)) * 2
             host += (unet + lora) // n if offload_param else 0
-    if figures.get("settings", {}).get("ema"):
-        parts["adapter_average"] = lora // n if stage == 3 else lora
+    if figures.get("settings", {}).get("ema"):  # kept where the weights it averages live
+        on_host = stage == 3 and zero.get("offload_param", {}).get("device") == "cpu"
+        parts["adapter_average"] = 0 if on_host else lora // n if stage == 3 else lora
+        host += lora // n if on_host else 0
     total = device + sum(parts.values())
     return {"stage": stage, "world_size": n, "peak_memory_bytes": total, "peak_memory_gb": total / GIB,
             "parts_bytes": parts, "host_bytes": host}

@@ -143,9 +143,15 @@ def test_zero_model_splits_optimizer_state_and_gradients_over_ranks():
     assert stage3["parts_bytes"]["unet_partition"] == (2 * 2**30 + lora) // 4
     averaged = {**figures, "settings": {"ema": True}}
     assert dryrun.zero_per_rank(averaged, stage2, 8)["peak_memory_bytes"] - eight["peak_memory_bytes"] == lora
-    stage3_ema = dryrun.zero_per_rank(averaged, {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 0}}, 4)
+    stage3 = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 0}}
+    stage3_ema = dryrun.zero_per_rank(averaged, stage3, 4)
     assert stage3_ema["parts_bytes"]["adapter_average"] == lora // 4
-    assert dryrun.StepSettings.from_config(load_config(ROOT / "configs" / "pshuman.yaml", ["optim.ema_decay=0.999"])).ema
+    offload = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    offloaded = dryrun.zero_per_rank(averaged, offload, 4)
+    assert offloaded["parts_bytes"]["adapter_average"] == 0
+    assert offloaded["host_bytes"] == (2 * 2**30 + lora) // 4 + lora // 4, "the average lives with the partitions"
+    config = load_config(ROOT / "configs" / "pshuman.yaml", ["optim.ema_decay=0.999"])
+    assert dryrun.StepSettings.from_config(config).ema
 
 
 def test_cli_writes_a_labelled_dry_run_at_tiny_size(tmp_path):
