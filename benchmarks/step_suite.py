@@ -66,8 +66,10 @@ def modelled_row(config_path: Path, arch_name: str, settings: dryrun.StepSetting
     if not path.is_file():
         return None
     key = json.dumps(asdict(settings), sort_keys=True, default=list)
+    defaults = asdict(dryrun.StepSettings())  # a row written before a setting existed has that setting's default
     for row in json.loads(path.read_text()).get("rows", []):
-        if row.get("architecture") == arch_name and json.dumps(row["settings"], sort_keys=True, default=list) == key:
+        settings_then = {**defaults, **row["settings"]}
+        if row.get("architecture") == arch_name and json.dumps(settings_then, sort_keys=True, default=list) == key:
             return {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
                     "peak_memory_bytes": row["peak_memory_bytes"], "flops": row["flops"],
                     "modelled_device_s": row["modelled_device_s"], "categories_bytes": row["categories_bytes"]}
