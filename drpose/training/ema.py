@@ -25,15 +25,11 @@ import torch
 
 from drpose.training.checkpoints import CheckpointError
 from drpose.training.config import ConfigError
+from drpose.training.lora import local_tensor
 
 
 class EMAStateError(CheckpointError):
     """A checkpoint's saved average is damaged or does not fit this run's adapters."""
-
-
-def _local(param: torch.nn.Parameter) -> torch.Tensor:
-    """What this rank holds of ``param``: its ZeRO-3 partition, or the parameter itself."""
-    return getattr(param, "ds_tensor", param)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -52,28 +48,28 @@ class AdapterEMA:
         self.params = list(params)
         self.decay = decay
         self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params)
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        self.shadow = [local_tensor(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the weights after optimizer step ``step``."""
         weight = 1.0 - ema_decay_at(step, self.decay)
         for average, param in zip(self.shadow, self.params):
-            average.lerp_(_local(param).detach().float(), weight)
+            average.lerp_(local_tensor(param).detach().float(), weight)
 
     @contextlib.contextmanager
     def applied(self):
         """The adapters hold the average inside the block and their own weights again after it."""
-        own = [_local(p).detach().clone() for p in self.params]
+        own = [local_tensor(p).detach().clone() for p in self.params]
         with torch.no_grad():
             for average, param in zip(self.shadow, self.params):
-                _local(param).copy_(average)
+                local_tensor(param).copy_(average)
         try:
             yield
         finally:
             with torch.no_grad():
                 for weights, param in zip(own, self.params):
-                    _local(param).copy_(weights)
+                    local_tensor(param).copy_(weights)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
@@ -90,8 +86,7 @@ class AdapterEMA:
         weights) if the checkpoint has none, i.e. its run did not average."""
         path = folder / self.file_name(rank)
         if not path.is_file():
-            if self.partitioned and any(folder.glob("ema*.pt")) or not self.partitioned and any(
-                    folder.glob("ema_rank*.pt")):
+            if any(folder.glob("ema*.pt")):  # an average saved in another layout
                 raise EMAStateError(f"{folder} holds the adapters' average for another ZeRO stage or number of ranks "
                                     f"than this run's (no {path.name}); resume it as it was saved")
             return False

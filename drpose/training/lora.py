@@ -60,6 +60,11 @@ def lora_state_dict(unet: UNetMV2DConditionModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
 
+def local_tensor(param: torch.nn.Parameter) -> torch.Tensor:
+    """What this rank holds of ``param``: its ZeRO-3 partition (``ds_tensor``), or the parameter itself."""
+    return getattr(param, "ds_tensor", param)
+
+
 def _gathered(params: list[torch.nn.Parameter]):
     """Gather ZeRO-3 partitioned parameters for reading; a no-op for ordinary parameters."""
     if any(hasattr(p, "ds_id") for p in params):

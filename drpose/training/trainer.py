@@ -14,6 +14,7 @@ with the same error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -35,7 +36,7 @@ from . import checkpoints, run_folder
 from .config import ConfigError, TrainConfig, check_files, read_deepspeed_config, resolved_yaml
 from .data import BatchLayout, SampleStream, collate, sample_noise, seeded_generator
 from .ema import AdapterEMA
-from .lora import add_lora, export_lora
+from .lora import add_lora, export_lora, local_tensor
 from .metrics_log import MetricsLog
 from .preserve import PreservationSet
 from .rendezvous import free_port
@@ -362,7 +363,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | Non
                 f"{result.kl.item()}); stopped without updating the weights. {last_good_advice()}")
 
     def weights_finite() -> bool:
-        return not ctx.any(not all(torch.isfinite(getattr(p, "ds_tensor", p)).all().item() for p in lora_params))
+        return not ctx.any(not all(torch.isfinite(local_tensor(p)).all().item() for p in lora_params))
 
     started = time.perf_counter()
     bar = tqdm(range(start_step, config.run.max_steps), initial=start_step, total=config.run.max_steps,
@@ -412,12 +413,9 @@ def _train(config: TrainConfig, ctx: DistributedContext, resume_from: Path | Non
                 raise TrainingStopped(f"the weights after step {step + 1} are not finite (saved, marked so, in "
                                       f"{last_checkpoint}). {last_good_advice()}")
 
-    last_path = None
-    if ema is not None:  # lora/: the average (what evaluation and generation read); lora_last/: the last step's
-        last_path = export_lora(unet, output_dir / "lora_last", is_main_process=ctx.is_main)
-        with ema.applied():
-            lora_path = export_lora(unet, output_dir / "lora", is_main_process=ctx.is_main)
-    else:
+    # lora/: what evaluation and generation read (the average, with optim.ema_decay); lora_last/: the last step's
+    last_path = export_lora(unet, output_dir / "lora_last", is_main_process=ctx.is_main) if ema else None
+    with ema.applied() if ema else contextlib.nullcontext():
         lora_path = export_lora(unet, output_dir / "lora", is_main_process=ctx.is_main)
     log.close()
     summary = {"steps": config.run.max_steps, "resumed_from_step": start_step, "world_size": ctx.world_size,
